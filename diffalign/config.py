@@ -8,10 +8,10 @@ overrides ``--section.key value`` are parsed as YAML scalars (``--train.lr 1e-4`
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 
 class _Section(BaseModel):
@@ -46,35 +46,79 @@ class DataConfig(_Section):
     limit: int | None = None
 
 
-class ObjectiveConfig(_Section):
+class DPOConfig(_Section):
     name: Literal["dpo"] = "dpo"
     beta: float = 5000.0
     loss_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
 
 
+class InPOConfig(_Section):
+    name: Literal["inpo"]
+    beta: float = 2000.0
+    inversion_steps: int = 10
+    inversion_eta: float = 0.1
+
+
+class DROConfig(_Section):
+    name: Literal["dro"]
+    margin: float = 0.001
+    rollout_steps: int = 20
+    timestep_jitter: float = 0.05
+    buffer_size: int = 4
+    refresh_every: int = 1
+
+
+class MaPOConfig(_Section):
+    name: Literal["mapo"]
+    beta: float = 0.1
+    snr_value: float = 0.5
+
+
+def _objective_name(v: Any) -> str:
+    """The objective's ``name`` picks its section model; a section without a name is DPO."""
+    return v.get("name", "dpo") if isinstance(v, dict) else getattr(v, "name", "dpo")
+
+
+ObjectiveConfig = Annotated[
+    Annotated[DPOConfig, Tag("dpo")] | Annotated[InPOConfig, Tag("inpo")] | Annotated[DROConfig, Tag("dro")]
+    | Annotated[MaPOConfig, Tag("mapo")],
+    Discriminator(_objective_name),
+]
+
+
 class TrainConfig(_Section):
     output_dir: str = "runs/run"
-    seed: int = 0
-    steps: int = 1000
-    batch_size: int = 1
-    grad_accum: int = 1
-    lr: float = 1e-5
+    seed: int = Field(0, ge=0)
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(1, ge=1, description="per process")
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-5, gt=0)
     scale_lr: bool = False
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
-    warmup_steps: int = 0
+    warmup_steps: int = Field(0, ge=0)
     optimizer: Literal["adamw", "adafactor"] = "adamw"
-    weight_decay: float = 1e-2
+    weight_decay: float = Field(1e-2, ge=0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: float | None = Field(1.0, gt=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     ema: bool = False
-    ema_decay: float = 0.999
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 3
-    log_every: int = 10
-    sample_every: int = 500
+    ema_decay: float = Field(0.999, ge=0, le=1)
+    checkpoint_every: int = Field(500, ge=0, description="0: only at the end")
+    keep_checkpoints: int = Field(3, ge=0, description="0: keep all")
+    checkpoint_checksums: bool = Field(True, description="SHA-256 of every checkpoint file, verified on resume")
+    max_nonfinite_steps: int = Field(
+        5, ge=1, description="stop after this many consecutive steps with a non-finite loss or gradient"
+    )
+    rng: Literal["stream", "per_batch"] = Field(
+        "stream",
+        description="stream: one random stream per process, saved in checkpoints. per_batch: the noise of each "
+        "micro-batch is seeded by (seed, global micro-batch index), so P processes x grad_accum A draw what "
+        "1 process x P*A draws, and processes draw different noise",
+    )
+    log_every: int = Field(10, ge=1)
+    sample_every: int = Field(500, ge=0, description="0: only at the end")
     sample_prompts: list[str] = ["a red circle", "a blue square at the top"]
-    sample_steps: int = 20
+    sample_steps: int = Field(20, ge=1)
     sample_guidance: float = 5.0
     progress: bool = True
 
@@ -82,7 +126,7 @@ class TrainConfig(_Section):
 class RunConfig(_Section):
     model: ModelConfig
     data: DataConfig
-    objective: ObjectiveConfig = ObjectiveConfig()
+    objective: ObjectiveConfig = DPOConfig()
     train: TrainConfig = TrainConfig()
 
 
@@ -93,7 +137,10 @@ class ConfigError(ValueError):
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid config"]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        loc = list(e["loc"])
+        if loc[:1] == ["objective"] and len(loc) > 1 and loc[1] in ("dpo", "inpo", "dro", "mapo"):
+            loc.pop(1)  # the union's tag: "objective.beta", not "objective.dro.beta"
+        key = ".".join(str(p) for p in loc) or "<root>"
         if e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key")
         elif e["type"] == "missing":

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = out / "dpo"
     cfg = run_config(model, pairs_dir / "pairs.jsonl", run_dir, "dpo", seed=args.seed, steps=args.steps,
                      checkpoint_every=args.checkpoint_every)
-    res = train(cfg) if not (run_dir / "final" / "lora").exists() else {"weights": str(run_dir / "final" / "lora")}
+    res = train(cfg, resume="auto") if not (run_dir / "final" / "lora").exists() else {"weights": str(run_dir / "final" / "lora")}
 
     names = list(ORACLES) + ["toy_aesthetic"]
     rs = load_rewards(names)

@@ -70,6 +70,7 @@ class Backbone:
 
     family: str = "abstract"
     prediction_type: str = "epsilon"  # "epsilon" | "v_prediction" | "flow"
+    num_train_timesteps: int = 1000
 
     denoiser_name: str = "unet"  # the pipeline attribute holding the denoiser: "unet" | "transformer"
 
@@ -175,6 +176,19 @@ class Backbone:
         if self.prediction_type == "flow":  # eps = x + (1-s) v
             return (x + a * out).to(xt.dtype)
         raise ValueError(f"unknown prediction_type {self.prediction_type!r}")
+
+    @property
+    def max_timestep(self) -> float:
+        """The noisiest level in model units: ``T - 1`` for discrete UNet timesteps, ``T`` for flows."""
+        return self.num_train_timesteps - 1 if self.prediction_type != "flow" else self.num_train_timesteps
+
+    def ddim_step(self, output: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
+        """Deterministic DDIM step from level ``t`` to ``t_next`` (either direction) with the model output
+        at (xt, t): ``x_next = alpha(t_next) x0_hat + sigma(t_next) eps_hat``. On a flow this is the Euler
+        step ``x + (s_next - s) v``; with ``t_next > t`` it is DDIM inversion. ``t``, ``t_next``: [B]."""
+        x0_hat, eps_hat = self.to_x0(output, xt, t).float(), self.to_eps(output, xt, t).float()
+        a, s = self._bcast(self.alpha(t_next), xt), self._bcast(self.sigma(t_next), xt)
+        return (a * x0_hat + s * eps_hat).to(xt.dtype)
 
     # --- conditioning, model call, VAE ------------------------------------------------------------
     def encode_prompts(

@@ -21,10 +21,14 @@ def load_backbone(
     resolution: int | None = None,
     max_sequence_length: int | None = None,
     embedded_guidance: float = 3.5,
+    trust_remote_code: bool = False,
 ) -> Backbone:
     """Build the backbone for ``source``: a diffusers pipeline folder, or a pipeline object.
 
-    The family is read from ``model_index.json``'s ``_class_name``.
+    The family is read from ``model_index.json``'s ``_class_name``. Nothing is downloaded, and code
+    shipped with a model (a component whose class lives in a ``.py`` file of the folder or on the Hub)
+    is refused unless ``trust_remote_code=True``. Weights load through safetensors, or through
+    ``torch.load(weights_only=True)`` for ``.bin`` files (diffusers' and transformers' default).
     """
     pipe = source
     if isinstance(source, (str, Path)):
@@ -42,8 +46,10 @@ def load_backbone(
                              f"{', '.join(UNET_PIPELINES + FLOW_PIPELINES)}")
         import diffusers
 
+        if not trust_remote_code:
+            _refuse_custom_code(index, meta)
         cls = getattr(diffusers, name)
-        kw: dict[str, Any] = {"local_files_only": True}
+        kw: dict[str, Any] = {"local_files_only": True, "trust_remote_code": trust_remote_code}
         if name == "StableDiffusionPipeline":
             kw.update(safety_checker=None, requires_safety_checker=False)
         if dtype is not None:
@@ -69,3 +75,23 @@ def load_backbone(
     if resolution:
         bb.resolution = resolution
     return bb
+
+
+def _refuse_custom_code(index: Path, meta: dict[str, Any]) -> None:
+    """Every component must be a class of diffusers or transformers (or a diffusers pipeline module,
+    as the original SD1.5 safety checker is); anything else would import code from the model folder."""
+    import importlib.util
+
+    for comp, value in meta.items():
+        if comp.startswith("_") or not isinstance(value, list) or len(value) != 2 or value[0] is None:
+            continue
+        library = value[0]
+        if library in ("diffusers", "transformers"):
+            continue
+        if isinstance(library, str) and library.isidentifier() and importlib.util.find_spec(f"diffusers.pipelines.{library}"):
+            continue
+        raise ValueError(
+            f"{index}: component {comp!r} is {value[1]!r} from {library!r}, which is not diffusers or transformers: "
+            "loading it would run code shipped with the model. diffalign does not run such code unless asked "
+            "(load_backbone(..., trust_remote_code=True))"
+        )

@@ -22,8 +22,10 @@ Ties (``ties=``):
     multiplies its per-pair loss by ``weight``, so a tie pulls the implicit reward margin towards 0.
     Decided pairs always have ``weight=1.0``.
 
-Bad rows (``on_bad_row=``): a missing column, a label outside {0, 0.5, 1}, a null/empty caption, a
-missing image file or undecodable image bytes is a :class:`PairDataError` naming the file and row
+Bad rows (``on_bad_row=``): a missing column, a label outside {0, 0.5, 1}, a null/empty caption or
+one over ``max_caption_chars`` (10,000), a missing image file, undecodable image bytes, an image whose
+short side is under ``min_image_side`` (8) or whose aspect ratio is over ``max_aspect_ratio`` (8), or
+one over PIL's decompression-bomb limit is a :class:`PairDataError` naming the file and row
 (``"error"``, the default). With ``"skip"`` such rows are dropped and counted, and one
 ``logging.warning`` summarises the counts per reason. Labels, captions and image-file existence are
 checked when the dataset is built; image bytes are decoded lazily, so a corrupt image is found when
@@ -38,7 +40,9 @@ Item (winner first, as the objective needs)::
 Transform (per image, pixels in [0,1] float throughout): EXIF orientation applied; converted to RGB
 (transparent images composited on white; grayscale replicated to three channels; 16-bit and 32-bit
 integer grayscale scaled from [0, 65535]; float images clipped to [0,1]; palette/CMYK/YCbCr through
-PIL's RGB conversion); the short side resized to ``resolution`` (``interpolation`` bilinear by
+PIL's RGB conversion); an image whose short side is 4x ``resolution`` or more first reduced by an
+integer box filter (JPEG: decoded at reduced scale) to keep memory in proportion to the output; the
+short side resized to ``resolution`` (``interpolation`` bilinear by
 default, as the official code, antialiased, clamped to [0,1]); a center crop (or a random crop with
 ``random_crop=True``) to ``resolution`` x ``resolution``; a random horizontal flip with
 ``random_flip=True`` (the official default). With ``same_augment=True`` (default, like the diffusers
@@ -83,10 +87,20 @@ class PairDataError(ValueError):
 # --------------------------------------------------------------------------------------------------
 # images
 # --------------------------------------------------------------------------------------------------
-def image_to_tensor(img: Image.Image) -> torch.Tensor:
-    """A PIL image of any mode -> ``FloatTensor[3,H,W]`` in [0,1] (see the module docstring)."""
+class ImageSizeError(ValueError):
+    """An image too small, or too elongated, to give a training crop."""
+
+
+def _exif_transpose(img: Image.Image) -> Image.Image:
     with contextlib.suppress(OSError, ValueError, TypeError, KeyError, AttributeError, SyntaxError):
         img = ImageOps.exif_transpose(img)  # a broken EXIF block is no reason to lose the image
+    return img
+
+
+def image_to_tensor(img: Image.Image, exif: bool = True) -> torch.Tensor:
+    """A PIL image of any mode -> ``FloatTensor[3,H,W]`` in [0,1] (see the module docstring)."""
+    if exif:
+        img = _exif_transpose(img)
     mode = img.mode
     if mode.startswith("I") or mode == "F":  # I;16*, I (32-bit int), F (32-bit float): grayscale
         arr = np.asarray(img).astype(np.float32)
@@ -104,12 +118,41 @@ def image_to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
-def decode_image(data: bytes | str | os.PathLike[str]) -> torch.Tensor:
-    """Decode image bytes or an image file to ``FloatTensor[3,H,W]`` in [0,1]; PIL errors propagate."""
+def decode_image(
+    data: bytes | str | os.PathLike[str],
+    target_side: int | None = None,
+    min_side: int = 1,
+    max_aspect_ratio: float | None = None,
+) -> torch.Tensor:
+    """Decode image bytes or an image file to ``FloatTensor[3,H,W]`` in [0,1]; PIL errors propagate.
+
+    The size is checked before the pixels are decoded: a short side below ``min_side`` or a long/short
+    ratio above ``max_aspect_ratio`` is an :class:`ImageSizeError`. With ``target_side`` (the training
+    resolution), an image whose short side is 4x that or more is first reduced by an integer box
+    filter (JPEG: decoded at 1/2, 1/4 or 1/8 scale) so the short side stays >= 2x ``target_side``:
+    a huge image costs memory in proportion to the output, not to its own size, and the final
+    antialiased resize sees the same frequencies. Images under 4x are untouched. PIL's decompression
+    bomb limit (``Image.MAX_IMAGE_PIXELS``) still applies.
+    """
     src = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
     with Image.open(src) as img:
+        w, h = img.size
+        if min(w, h) < min_side:
+            raise ImageSizeError(f"image is {w}x{h} pixels; the short side must be at least {min_side}")
+        if max_aspect_ratio and max(w, h) > max_aspect_ratio * min(w, h):
+            raise ImageSizeError(f"image is {w}x{h} pixels; the aspect ratio is over {max_aspect_ratio:g}")
+        factor = min(w, h) // (2 * target_side) if target_side else 0
+        if factor >= 2 and img.format == "JPEG":
+            img.draft(img.mode, (w // factor, h // factor))
         img.load()
-        return image_to_tensor(img)
+        if factor < 2:
+            return image_to_tensor(img)
+        out = _exif_transpose(img)
+        factor = min(out.size) // (2 * target_side)
+        if factor >= 2:
+            with contextlib.suppress(ValueError):  # a mode reduce() does not take: convert at full size
+                out = out.reduce(factor)
+        return image_to_tensor(out, exif=False)
 
 
 def resize_short_side(img: torch.Tensor, size: int, interpolation: str = "bilinear") -> torch.Tensor:
@@ -185,13 +228,19 @@ def _check_label(value: Any) -> float:
     raise _BadRow("bad label", f"label_0 must be 0, 0.5 or 1, got {value!r}")
 
 
-def _check_caption(value: Any) -> str:
+MAX_CAPTION_CHARS = 10_000  # far past any text encoder's window (T5 at 512 tokens is ~2,500 characters)
+
+
+def _check_caption(value: Any, max_chars: int | None = MAX_CAPTION_CHARS) -> str:
     if value is None:
         raise _BadRow("empty caption", "caption is null")
     if not isinstance(value, str):
         raise _BadRow("bad caption", f"caption must be a string, got {type(value).__name__}")
     if not value.strip():
         raise _BadRow("empty caption", f"caption is empty ({value!r})")
+    if max_chars is not None and len(value) > max_chars:
+        raise _BadRow("caption too long", f"caption has {len(value)} characters, more than {max_chars} "
+                      f"(starts {value[:40]!r}); a column mix-up?")
     return value
 
 
@@ -211,6 +260,9 @@ class PreferencePairs(Dataset):
         random_crop, random_flip, same_augment, interpolation: the transform.
         check_images: decode every image when the dataset is built (finds corrupt bytes up front).
         limit: use only the first ``limit`` source rows (before ties/bad rows are removed).
+        max_caption_chars: a longer caption is a bad row (``None``: no limit).
+        min_image_side, max_aspect_ratio: an image with a shorter short side, or a larger long/short
+            ratio, is a bad row (found when it is loaded, or up front with ``check_images``).
     """
 
     def __init__(
@@ -227,6 +279,9 @@ class PreferencePairs(Dataset):
         interpolation: Literal["bilinear", "bicubic"] = "bilinear",
         check_images: bool = False,
         limit: int | None = None,
+        max_caption_chars: int | None = MAX_CAPTION_CHARS,
+        min_image_side: int = 8,
+        max_aspect_ratio: float | None = 8.0,
     ) -> None:
         if ties not in ("drop", "keep"):
             raise ValueError(f"ties must be 'drop' or 'keep', got {ties!r}")
@@ -247,6 +302,9 @@ class PreferencePairs(Dataset):
         self.interpolation = interpolation
         self.check_images = check_images
         self.limit = limit
+        self.max_caption_chars = max_caption_chars
+        self.min_image_side = int(min_image_side)
+        self.max_aspect_ratio = max_aspect_ratio
 
         self.sources: list[_Source] = []
         # per kept pair (parallel lists)
@@ -279,7 +337,7 @@ class PreferencePairs(Dataset):
                 try:
                     if isinstance(rec, _BadRow):
                         raise rec
-                    caption = _check_caption(rec.get("caption"))
+                    caption = _check_caption(rec.get("caption"), max_caption_chars)
                     label = _check_label(rec.get("label_0"))
                     refs = (self._resolve_ref(src, rec, "jpg_0"), self._resolve_ref(src, rec, "jpg_1"))
                 except _BadRow as e:
@@ -458,9 +516,12 @@ class PreferencePairs(Dataset):
                         data = None
                 if data is None:
                     raise PairDataError(f"{where}: {col} is null")
-            return decode_image(data)
+            return decode_image(data, target_side=self.resolution, min_side=self.min_image_side,
+                                max_aspect_ratio=self.max_aspect_ratio)
         except PairDataError:
             raise
+        except ImageSizeError as e:
+            raise PairDataError(f"{where}: {col}: {e}") from e
         except FileNotFoundError as e:
             raise PairDataError(f"{where}: {col}: image file not found: {e.filename}") from e
         except Exception as e:
@@ -537,6 +598,9 @@ class PreferencePairs(Dataset):
             "interpolation": self.interpolation,
             "check_images": self.check_images,
             "limit": self.limit,
+            "max_caption_chars": self.max_caption_chars,
+            "min_image_side": self.min_image_side,
+            "max_aspect_ratio": self.max_aspect_ratio,
         }
 
 

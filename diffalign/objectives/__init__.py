@@ -5,8 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from .dpo import DiffusionDPO
+from .dro import DiffusionDRO
+from .inpo import InPO
+from .mapo import MaPO
 
-OBJECTIVES: dict[str, type] = {"dpo": DiffusionDPO}
+OBJECTIVES: dict[str, type] = {"dpo": DiffusionDPO, "inpo": InPO, "dro": DiffusionDRO, "mapo": MaPO}
 
 
 def build_objective(name: str, **kwargs: Any) -> Any:
@@ -15,4 +18,4 @@ def build_objective(name: str, **kwargs: Any) -> Any:
     return OBJECTIVES[name](**kwargs)
 
 
-__all__ = ["DiffusionDPO", "OBJECTIVES", "build_objective"]
+__all__ = ["OBJECTIVES", "DiffusionDPO", "DiffusionDRO", "InPO", "MaPO", "build_objective"]

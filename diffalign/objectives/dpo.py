@@ -24,6 +24,16 @@ import torch.nn.functional as F
 from ..backbones.base import Backbone, Cond, per_sample_mse
 
 
+def noised_pairs(batch: dict, backbone: Backbone) -> tuple[torch.Tensor, torch.Tensor, Cond, torch.Tensor]:
+    """Winners then losers ``[2B]`` noised with the SAME eps and t per pair: ``(x_t, t, cond, target)``."""
+    x0_w, x0_l = batch["latents_w"], batch["latents_l"]
+    b = x0_w.shape[0]
+    x0 = torch.cat([x0_w, x0_l])
+    noise = torch.randn(x0_w.shape, device=x0.device).repeat(2, *([1] * (x0.ndim - 1)))  # shared eps
+    t = backbone.sample_timesteps(b, device=x0.device).repeat(2)  # shared t
+    return backbone.add_noise(x0, noise, t), t, batch["cond"].repeat(2), backbone.target(x0, noise, t)
+
+
 @dataclass
 class DiffusionDPO:
     beta: float = 5000.0
@@ -34,17 +44,16 @@ class DiffusionDPO:
             raise ValueError(f"DPO loss_type must be sigmoid, hinge or ipo, got {self.loss_type!r}")
 
     def loss(self, batch: dict, backbone: Backbone) -> tuple[torch.Tensor, dict[str, float]]:
-        x0_w, x0_l, cond = batch["latents_w"], batch["latents_l"], batch["cond"]
-        b = x0_w.shape[0]
-        x0 = torch.cat([x0_w, x0_l])
-        noise = torch.randn(x0_w.shape, device=x0.device).repeat(2, 1, 1, 1)  # shared eps for the pair
-        t = backbone.sample_timesteps(b, device=x0.device).repeat(2)  # shared t for the pair
-        xt = backbone.add_noise(x0, noise, t)
-        target = backbone.target(x0, noise, t)
-        cond2: Cond = cond.repeat(2)
-
+        xt, t, cond2, target = noised_pairs(batch, backbone)
         err = per_sample_mse(backbone.predict(xt, t, cond2), target)
         err_ref = per_sample_mse(backbone.predict(xt, t, cond2, reference=True), target)
+        return self.preference_loss(err, err_ref, batch.get("weight"))
+
+    def preference_loss(
+        self, err: torch.Tensor, err_ref: torch.Tensor, weight: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The DPO loss from per-sample errors ``[2B]`` (winners first) of the policy and the reference."""
+        b = err.shape[0] // 2
         model_diff = err[:b] - err[b:]
         ref_diff = err_ref[:b] - err_ref[b:]
         z = -0.5 * self.beta * (model_diff - ref_diff)
@@ -55,7 +64,6 @@ class DiffusionDPO:
             losses = F.relu(1 - z)
         else:
             losses = (z / self.beta - 1 / (2 * self.beta)) ** 2
-        weight = batch.get("weight")
         loss = (losses * weight).sum() / weight.sum() if weight is not None else losses.mean()
 
         metrics = {

@@ -25,6 +25,49 @@ def fresh_scheduler(backbone: Backbone, scheduler: Any | None = None) -> Any:
     return type(src).from_config(src.config)
 
 
+SCHEDULER_ALIASES = {
+    "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMScheduler", "lms": "LMSDiscreteScheduler",
+    "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler", "heun": "HeunDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler", "dpm": "DPMSolverSinglestepScheduler", "unipc": "UniPCMultistepScheduler",
+    "deis": "DEISMultistepScheduler", "flow_euler": "FlowMatchEulerDiscreteScheduler",
+    "flow_heun": "FlowMatchHeunDiscreteScheduler",
+}
+
+
+def resolve_scheduler(backbone: Backbone, name: str | Any | None) -> Any:
+    """A scheduler for ``backbone`` from its pipeline's config: None (the pipeline's own), a scheduler
+    object, an alias (``ddim``, ``dpm++``, ``euler_a``, ``flow_euler``, ...) or a diffusers class name."""
+    if name is None or not isinstance(name, str):
+        return fresh_scheduler(backbone, name)
+    import diffusers
+
+    own = backbone.pipe.scheduler
+    cls_name = SCHEDULER_ALIASES.get(name.lower(), name)
+    cls = getattr(diffusers, cls_name, None)
+    allowed = {type(own), *own.compatibles}
+    if backbone.prediction_type == "flow":
+        allowed.add(diffusers.FlowMatchHeunDiscreteScheduler)
+    if cls is None or cls not in allowed:
+        names = sorted({a for a, c in SCHEDULER_ALIASES.items() if getattr(diffusers, c, None) in allowed}
+                       | {c.__name__ for c in allowed})
+        raise ValueError(f"scheduler {name!r} does not fit this {backbone.family} model "
+                         f"({type(own).__name__}); choose one of: {', '.join(names)}")
+    return cls.from_config(own.config)
+
+
+def noise_for_seeds(
+    backbone: Backbone, seeds: list[int], height: int | None = None, width: int | None = None,
+) -> torch.Tensor:
+    """Initial noise, one image per seed, each drawn as the stock pipeline draws a batch of one with
+    ``torch.Generator("cpu").manual_seed(seed)``: image i does not depend on the batch it is in."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    shape = (1, *backbone.latent_shape(1, height, width)[1:])
+    dtype = next(backbone.denoiser.parameters()).dtype
+    return torch.cat([randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(int(s)),
+                                   device=backbone.device, dtype=dtype) for s in seeds])
+
+
 def guided_output(
     backbone: Backbone, x: torch.Tensor, t: torch.Tensor, cond: Cond, uncond: Cond | None, scale: float,
     reference: bool = False,
@@ -70,11 +113,19 @@ def sample_latents(
     if embedded:
         backbone.embedded_guidance = guidance_scale
     call = model_output or guided_output
+    # stochastic schedulers (DDPM, Euler ancestral) draw their step noise from the generator, as the pipelines do
+    step_kw = {"generator": generator} if generator is not None and "generator" in _step_params(sched) else {}
     for t in tqdm(timesteps, desc="sampling", disable=not progress, leave=False):
         xin = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
         out = call(backbone, xin, t, cond, None if embedded else uncond, scale)
-        x = sched.step(out, t, x, return_dict=False)[0]
+        x = sched.step(out, t, x, return_dict=False, **step_kw)[0]
     return x
+
+
+def _step_params(sched: Any) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(sched.step).parameters)
 
 
 @torch.no_grad()

@@ -18,13 +18,27 @@ from ..config import RunConfig
 from .experiment import ORACLES, TOY_GUIDANCE, evaluate, load_rewards
 
 # objective name -> config overrides that differ from the DPO defaults (later issues add theirs)
+# DRO reads expert images (the pool's best image of each prompt) instead of pairs; its rollouts use
+# 10 steps (the toy sampler's budget is 20; the official 20 would double DRO's cost per step).
 OBJECTIVE_SETTINGS: dict[str, dict[str, Any]] = {
     "dpo": {"objective": {"name": "dpo", "beta": 2000.0}},
+    "inpo": {"objective": {"name": "inpo", "beta": 2000.0, "inversion_steps": 10, "inversion_eta": 0.1}},
+    "mapo": {"objective": {"name": "mapo", "beta": 0.1, "snr_value": 0.5}},
+    "dro": {"objective": {"name": "dro", "margin": 0.001, "rollout_steps": 10, "buffer_size": 4}},
 }
 
 
+# LoRA learning rates in the toy world: DPO's and InPO's from the DPO bench; MaPO's and DRO's from one
+# probe each after 1e-3 failed for them (docs/BENCHMARKS.md, "Offline objectives side by side").
+TOY_LR: dict[str, float] = {"dpo": 1e-3, "inpo": 1e-3, "mapo": 1e-4, "dro": 1e-3}
+
+
 def run_config(base: str | Path, pairs: str | Path, out: str | Path, objective: str, seed: int, steps: int,
-               batch_size: int = 16, lr: float = 1e-3, checkpoint_every: int = 0) -> RunConfig:
+               batch_size: int = 16, lr: float | None = None, checkpoint_every: int = 0,
+               experts: str | Path | None = None) -> RunConfig:
+    """A toy-world run of ``objective`` (``lr`` None: the objective's ``TOY_LR``); DRO trains on ``experts``
+    (default: ``experts/`` beside the pairs)."""
+    lr = TOY_LR[objective] if lr is None and objective in TOY_LR else (lr or 1e-3)
     if objective not in OBJECTIVE_SETTINGS:
         raise KeyError(f"objective {objective!r} has no toy-world settings; known: {', '.join(OBJECTIVE_SETTINGS)}")
     raw: dict[str, Any] = {
@@ -40,7 +54,32 @@ def run_config(base: str | Path, pairs: str | Path, out: str | Path, objective: 
     }
     for section, values in OBJECTIVE_SETTINGS[objective].items():
         raw.setdefault(section, {}).update(values)
+    if objective == "dro":
+        raw["data"]["train"] = str(experts or Path(pairs).parent / "experts")
     return RunConfig.model_validate(raw)
+
+
+def toy_experts(pairs_dir: str | Path, reward: Any, out: str | Path | None = None, min_score: float = 0.5) -> Path:
+    """DRO's experts in the toy world: the best of the k images of every train prompt (from the pair
+    sample's ``rankings.jsonl``) by the labelling reward, kept if it scores above ``min_score``. The
+    same images and labels that made the pairs: the budgets compare."""
+    from PIL import Image
+
+    from ..data.relabel import select_experts
+
+    out = Path(out or Path(pairs_dir) / "experts")
+    rankings = Path(pairs_dir) / "rankings.jsonl"
+    if not (out / "experts.jsonl").exists():
+        first = json.loads(rankings.read_text().splitlines()[0])["images"][0]
+        with Image.open(Path(pairs_dir) / first) as im:
+            size = im.size[0]  # score and store at the toy images' own size
+        select_experts(rankings, reward, out, top=None, per_prompt=1, min_score=min_score, resolution=size)
+    return out
+
+
+def steps_to_reach(points: list[dict[str, float]], metric: str, level: float) -> int | None:
+    """The first checkpoint step whose ``metric`` reaches ``level`` (None if none does)."""
+    return next((int(p["step"]) for p in points if p["step"] > 0 and p[metric] >= level), None)
 
 
 def evaluate_model(model_dir: str | Path, lora: str | Path | None, prompts: list[str], rs: dict[str, Any],
@@ -89,10 +128,14 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def bench_alignment(
     base: str | Path, pairs: str | Path, objectives: list[str], seeds: int, out: str | Path,
-    eval_prompts: list[str], target: str, steps: int = 300, batch_size: int = 16, lr: float = 1e-3,
+    eval_prompts: list[str], target: str, steps: int = 300, batch_size: int = 16, lr: float | None = None,
     eval_seeds: int = 2, sample_steps: int = 20, guidance: float = TOY_GUIDANCE, clip_path: str | None = None,
+    curve_every: int = 0, experts: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Every objective from the same base on the same pairs with the same budget, over ``seeds``."""
+    """Every objective from the same base on the same pairs with the same budget, over ``seeds``.
+    ``curve_every``: also score a checkpoint every that many steps on the target metric (one sample per
+    held-out prompt) and report the steps each objective needs to reach the first objective's final
+    mean gain there."""
     from ..training import train
 
     out = Path(out)
@@ -101,17 +144,25 @@ def bench_alignment(
     rs = load_rewards(names, clip_path)
     before, _ = evaluate_model(base, None, eval_prompts, rs, eval_seeds, sample_steps, guidance)
     results: dict[str, Any] = {"target_metric": target, "base": before, "objectives": {}, "settings": {
-        "steps": steps, "batch_size": batch_size, "lr": lr, "seeds": seeds, "eval_prompts": len(eval_prompts),
+        "steps": steps, "batch_size": batch_size, "lr": lr or {o: TOY_LR.get(o) for o in objectives},
+        "seeds": seeds, "eval_prompts": len(eval_prompts),
         "eval_seeds": eval_seeds, "sample_steps": sample_steps, "guidance": guidance, "pairs": str(pairs)}}
     for obj in objectives:
         runs = []
         for s in range(seeds):
             run_dir = out / f"{obj}_seed{s}"
             t0 = time.time()
-            res = train(run_config(base, pairs, run_dir, obj, seed=s, steps=steps, batch_size=batch_size, lr=lr))
+            cfg = run_config(base, pairs, run_dir, obj, seed=s, steps=steps, batch_size=batch_size, lr=lr,
+                             checkpoint_every=curve_every, experts=experts)
+            if curve_every:
+                cfg.train.keep_checkpoints = 0  # keep them all for the curve
+            res = train(cfg, resume="auto")  # an interrupted bench continues its runs
             wall = time.time() - t0
             after, _ = evaluate_model(base, res["weights"], eval_prompts, rs, eval_seeds, sample_steps, guidance)
-            runs.append({"seed": s, "after": after, "train_seconds": wall, "seconds_per_step": wall / steps})
+            run = {"seed": s, "after": after, "train_seconds": wall, "seconds_per_step": wall / steps}
+            if curve_every:
+                run["curve"] = reward_curve(base, run_dir, eval_prompts, {target: rs[target]}, sample_steps, guidance)
+            runs.append(run)
         summary = {}
         for m in before:
             gains = [r["after"][m] - before[m] for r in runs]
@@ -119,9 +170,13 @@ def bench_alignment(
             summary[m] = {"gain_mean": mu, "gain_std": sd, "after_mean": mean_std([r["after"][m] for r in runs])[0]}
         summary["train_seconds"] = dict(zip(("mean", "std"), mean_std([r["train_seconds"] for r in runs]), strict=True))
         results["objectives"][obj] = {"runs": runs, "summary": summary}
+    if curve_every:
+        _add_steps_to_reach(results, target)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(results_table(results))
     plot_bench(results, out / "results.png")
+    if curve_every:
+        plot_reach(results, out / "results_curves.png")
     return results
 
 
@@ -130,13 +185,24 @@ def results_table(results: dict[str, Any]) -> str:
     metrics = list(base)
     lines = [f"target metric: `{results['target_metric']}`; gains are after - base, mean ± std over "
              f"{results['settings']['seeds']} seeds; {results['settings']['steps']} steps each", ""]
-    lines.append("| objective | " + " | ".join(metrics) + " | train s |")
-    lines.append("|---" * (len(metrics) + 2) + "|")
-    lines.append("| base (value) | " + " | ".join(f"{base[m]:.3f}" for m in metrics) + " | - |")
+    reach = results.get("reach")
+    extra = " s/step |" + (" steps to reach |" if reach else "")
+    lines.append("| objective | " + " | ".join(metrics) + " |" + extra)
+    lines.append("|---" * (len(metrics) + 2 + bool(reach)) + "|")
+    lines.append("| base (value) | " + " | ".join(f"{base[m]:.3f}" for m in metrics) + " | - |" + (" - |" if reach else ""))
     for obj, r in results["objectives"].items():
         s = r["summary"]
         cells = [f"{s[m]['gain_mean']:+.3f} ± {s[m]['gain_std']:.3f}" for m in metrics]
-        lines.append(f"| {obj} (gain) | " + " | ".join(cells) + f" | {s['train_seconds']['mean']:.0f} |")
+        per_step = s["train_seconds"]["mean"] / results["settings"]["steps"]
+        row = f"| {obj} (gain) | " + " | ".join(cells) + f" | {per_step:.3f} |"
+        if reach:
+            row += " " + ", ".join("never" if v is None else str(v) for v in s.get("steps_to_reach", [])) + " |"
+        lines.append(row)
+    if reach:
+        lines.append("")
+        lines.append(f"steps to reach: the first checkpoint (per training seed) whose `{reach['metric']}` on the held-out "
+                     f"prompts (1 sample each) reaches {reach['level']:.3f}, the final mean of `{reach['reference']}` "
+                     f"on the same curve (base {reach['base']:.3f}); 'never' = not within the budget.")
     return "\n".join(lines) + "\n"
 
 
@@ -159,6 +225,48 @@ def plot_bench(results: dict[str, Any], path: str | Path) -> Path:
     ax.set_ylabel("gain over base (held-out)")
     ax.set_title(f"toy world, target {results['target_metric']}")
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def _add_steps_to_reach(results: dict[str, Any], target: str) -> None:
+    """Per objective: steps for each seed's curve to reach the first objective's mean final curve gain."""
+    objs = results["objectives"]
+    first = next(iter(objs))
+    curves = [r["curve"] for r in objs[first]["runs"]]
+    start = statistics.fmean(c[0][target] for c in curves)
+    level = statistics.fmean(c[-1][target] for c in curves)
+    results["reach"] = {"reference": first, "metric": target, "base": start, "level": level}
+    for o in objs.values():
+        reached = [steps_to_reach(r["curve"], target, level) for r in o["runs"]]
+        o["summary"]["steps_to_reach"] = reached
+
+
+def plot_reach(results: dict[str, Any], path: str | Path) -> Path:
+    """The target metric against training step, mean over seeds (thin lines: each seed), with the level
+    that 'steps to reach' uses."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = results["reach"]["metric"]
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for i, (name, o) in enumerate(results["objectives"].items()):
+        color = f"C{i}"
+        curves = [r["curve"] for r in o["runs"]]
+        steps = [p["step"] for p in curves[0]]
+        for c in curves:
+            ax.plot(steps, [p[metric] for p in c], color=color, lw=0.6, alpha=0.35)
+        ax.plot(steps, [statistics.fmean(c[j][metric] for c in curves) for j in range(len(steps))], color=color,
+                lw=2, marker="o", ms=3, label=name)
+    ax.axhline(results["reach"]["level"], color="k", ls="--", lw=0.8, label=f"{results['reach']['reference']} final")
+    ax.set_xlabel("training step")
+    ax.set_ylabel(f"held-out {metric}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -11,19 +11,27 @@ DEFAULT_BASE = Path("runs/toyworld_base")
 
 
 def parse_reward(spec: str, clip_path: str | None = None) -> Any:
-    """``toy_color`` or ``toy_color:1,toy_aesthetic:0.5`` (a weighted Ensemble); ``toy_clip`` reads ``clip_path``."""
+    """``toy_color`` or ``toy_color:1,toy_aesthetic:0.5`` (a weighted Ensemble); a member may name its
+    weights as ``NAME=PATH`` (``pickscore=models/ps:1,aesthetic=models/aes.pth:0.5``); ``toy_clip``
+    without a path reads ``clip_path``."""
     import rewards
     from rewards.ensemble import Ensemble
 
     parts = [p.strip() for p in spec.split(",") if p.strip()]
     if not parts:
         raise ValueError("--reward: empty")
-    members, weights = {}, {}
+    members, weights, weighted = {}, {}, False
     for p in parts:
-        name, _, w = p.partition(":")
-        members[name] = rewards.load(name, path=clip_path) if name == "toy_clip" else rewards.load(name)
-        weights[name] = float(w) if w else 1.0
-    if len(members) == 1 and not parts[0].count(":"):
+        head, sep, w = p.rpartition(":")
+        try:
+            weight = float(w) if sep else None
+        except ValueError:  # a ':' inside a path, not a weight
+            weight = None
+        weighted |= weight is not None
+        name, _, path = (p if weight is None else head).partition("=")
+        members[name] = rewards.load(name, path=path or (clip_path if name == "toy_clip" else None))
+        weights[name] = 1.0 if weight is None else weight
+    if len(members) == 1 and not weighted:
         return next(iter(members.values()))
     return Ensemble(members, weights)
 
@@ -74,10 +82,17 @@ def _bench(args: argparse.Namespace) -> int:
 
         make_pairs(load_backbone(base / "sd"), shapes.prompts("train", n=args.pair_prompts, seed=args.pair_seed),
                    parse_reward(args.reward, args.clip), pairs, k=args.k, seed=args.pair_seed)
+    objectives = [o.strip() for o in args.objectives.split(",")]
+    experts = None
+    if "dro" in objectives:
+        from .alignment import toy_experts
+
+        experts = toy_experts(pairs, parse_reward(args.reward, args.clip))
     res = bench_alignment(
-        base / "sd", pairs / "pairs.jsonl", [o.strip() for o in args.objectives.split(",")], args.seeds, out,
+        base / "sd", pairs / "pairs.jsonl", objectives, args.seeds, out,
         shapes.eval_prompts(args.eval_prompts, seed=1), target=args.target, steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, eval_seeds=args.eval_seeds, clip_path=args.clip,
+        curve_every=args.curve_every, experts=experts,
     )
     print((out / "results.md").read_text())
     print(f"results: {out / 'results.json'}, plot: {out / 'results.png'}")
@@ -122,8 +137,10 @@ def add_bench_parser(sub: Any) -> None:
     a.add_argument("--pair-seed", type=int, default=0, help="seed of the pair sample (prompts and images)")
     a.add_argument("--k", type=int, default=4)
     a.add_argument("--steps", type=int, default=400)
+    a.add_argument("--curve-every", type=int, default=0,
+                   help="score a checkpoint every N steps: steps to reach the first objective's final gain")
     a.add_argument("--batch-size", type=int, default=16)
-    a.add_argument("--lr", type=float, default=1e-3)
+    a.add_argument("--lr", type=float, default=None, help="LoRA learning rate (default: each objective's TOY_LR)")
     a.add_argument("--eval-prompts", type=int, default=96)
     a.add_argument("--eval-seeds", type=int, default=2)
     a.set_defaults(func=lambda a, _: _bench(a))

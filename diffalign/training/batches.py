@@ -1,5 +1,6 @@
 """Turn a data batch (pixels, or cached latents and embeddings) into the objective's model inputs:
-``{"latents_w", "latents_l", "cond", "weight"}`` on the backbone's device."""
+``{"latents_w", "latents_l", "cond", "weight"}`` for pairs, ``{"latents", "cond"}`` for expert
+images, on the backbone's device."""
 
 from __future__ import annotations
 
@@ -12,6 +13,10 @@ from ..backbones.base import Backbone, Cond, apply_prompt_dropout
 
 def model_inputs(batch: dict[str, Any], backbone: Backbone, prompt_dropout: float, empty_cond: Cond | None) -> dict:
     dev = backbone.device
+    if "pixels" in batch:  # expert demonstrations (single images)
+        with torch.no_grad():
+            latents = backbone.encode_images(batch["pixels"].to(dev))
+        return {"latents": latents, "cond": backbone.encode_prompts(batch["captions"], dropout=prompt_dropout)}
     if "latents_w" in batch:  # cached: no VAE or text-encoder call
         cond = batch["cond"].to(dev)
         if empty_cond is not None:

@@ -64,9 +64,19 @@ def _set_attention(bb: Backbone, attention: str) -> None:
         raise RuntimeError("model.attention: xformers needs a CUDA device")
 
 
-def build_dataset(cfg: RunConfig, backbone: Backbone) -> tuple[Any, Any, Any]:
-    """(dataset, collate_fn, empty-prompt Cond or None): the latent cache when configured, else pixels."""
+def build_dataset(cfg: RunConfig, backbone: Backbone, kind: str = "pairs") -> tuple[Any, Any, Any]:
+    """(dataset, collate_fn, empty-prompt Cond or None): the latent cache when configured, else pixels.
+    ``kind="experts"``: single demonstration images (Diffusion-DRO) instead of pairs."""
     d = cfg.data
+    if kind == "experts":
+        from ..data.experts import ExpertImages, collate_experts
+
+        if d.cache_dir:
+            raise ValueError(f"data.cache_dir: the latent cache holds pairs; objective {cfg.objective.name!r} reads "
+                             "expert images (leave data.cache_dir unset)")
+        ds = ExpertImages(d.train, backbone.resolution, on_bad_row=d.on_bad_row, random_flip=d.random_flip,
+                          limit=d.limit)
+        return ds, collate_experts, None
     if d.cache_dir:
         from ..data.cache import CachedPairs, collate_cached
 

@@ -1,0 +1,150 @@
+"""Online negatives for Diffusion-DRO: a lagged copy of the policy samples trajectories into a replay
+buffer of states (timestep, noisy latent, the sampler's own model output).
+
+``LaggedSampler``: the policy as of its last refresh. The official code refreshes a full frozen copy
+every optimizer update; weights only change at updates, so with ``refresh_every=1`` the lagged policy
+IS the current weights at every rollout and no copy is kept at all. With ``refresh_every=k > 1`` it
+keeps a snapshot of the trainable tensors only (the LoRA factors under LoRA: no second model in
+memory) and swaps it in for the rollout.
+
+``rollout``: deterministic DDIM (``Backbone.ddim_step``; Euler on flows) without CFG, as the official
+sampler runs at guidance 1.0, on a per-sample jittered grid: the first state is pure noise at the
+noisiest level, the following levels are ``T - i T/n - o`` with one offset ``o ~ U[0, jitter T)`` per
+sample (the official code perturbs DPM-Solver++'s 20-step grid by U{0..49}). We use first-order DDIM
+instead of DPM-Solver++ so that per-sample grids need no patched scheduler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..backbones.base import Backbone, Cond, _unwrap
+
+
+class LaggedSampler:
+    def __init__(self, refresh_every: int = 1) -> None:
+        if refresh_every < 1:
+            raise ValueError(f"objective.refresh_every must be >= 1, got {refresh_every}")
+        self.refresh_every = refresh_every
+        self.updates = 0
+        self.snapshot: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in _unwrap(model).named_parameters() if p.requires_grad}
+
+    def refresh(self, model: nn.Module) -> None:
+        if self.refresh_every > 1:
+            self.snapshot = {n: p.detach().to("cpu", copy=True) for n, p in self._trainable(model).items()}
+
+    def on_update(self, model: nn.Module) -> None:
+        self.updates += 1
+        if self.updates % self.refresh_every == 0:
+            self.refresh(model)
+
+    @contextlib.contextmanager
+    def active(self, model: nn.Module) -> Iterator[None]:
+        """Within the block the model runs with the lagged weights (a no-op when they are current)."""
+        if not self.snapshot:
+            yield
+            return
+        params = self._trainable(model)
+        current = {n: p.detach().clone() for n, p in params.items()}
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(self.snapshot[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(current[n])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"updates": self.updates, "snapshot": dict(self.snapshot)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.updates, self.snapshot = int(state["updates"]), dict(state["snapshot"])
+
+
+def rollout_levels(backbone: Backbone, batch: int, steps: int, jitter: float, device: torch.device) -> torch.Tensor:
+    """Per-sample levels ``[steps + 1, B]`` from the noisiest level down to 0 (clean)."""
+    big_t = backbone.num_train_timesteps
+    stride = big_t / steps
+    if backbone.prediction_type != "flow":  # whole timesteps, below one stride (official: randint(0, 50))
+        offset = torch.randint(0, int(min(jitter * big_t, stride - 1)) + 1, (batch,)).float()
+    else:
+        offset = torch.rand(batch) * min(jitter * big_t, stride * 0.999)
+    i = torch.arange(steps + 1, dtype=torch.float32)[:, None]
+    levels = (big_t - i * stride - offset[None]).clamp(0, backbone.max_timestep)
+    levels[0] = backbone.max_timestep
+    levels[-1] = 0
+    if backbone.prediction_type != "flow":
+        levels = levels.floor().clamp_min(0)
+        levels[1:-1] = levels[1:-1].clamp_min(1)
+    return levels.to(device)
+
+
+@torch.no_grad()
+def rollout(backbone: Backbone, cond: Cond, steps: int, jitter: float) -> dict[str, torch.Tensor]:
+    """Sample from noise with the model as it is now; returns the trajectory ``{"t": [S,B], "xt": [S,B,...],
+    "pred": [S,B,...], "x0": [B,...]}``, where ``pred[i]`` is the model output the sampler used at
+    state ``xt[i]`` (the state before step i) and level ``t[i]``."""
+    b = len(cond)
+    shape = backbone.latent_shape(b)
+    dtype = next(_unwrap(backbone.denoiser).parameters()).dtype
+    x = torch.randn(shape, device=backbone.device).to(dtype)
+    levels = rollout_levels(backbone, b, steps, jitter, backbone.device)
+    if backbone.prediction_type != "flow":
+        levels = levels.long()  # UNet timesteps are integers
+    ts, xs, preds = [], [], []
+    for i in range(steps):
+        t, t_next = levels[i], levels[i + 1]
+        out = backbone.predict(x, t, cond)
+        ts.append(t)
+        xs.append(x)
+        preds.append(out)
+        x = backbone.ddim_step(out, x, t, t_next)
+    return {"t": torch.stack(ts), "xt": torch.stack(xs), "pred": torch.stack(preds), "x0": x}
+
+
+class ReplayBuffer:
+    """The last ``size`` trajectories, each with the expert latents and conditioning it was rolled out
+    for; kept on the CPU. ``sample`` draws one trajectory and one step per sample."""
+
+    def __init__(self, size: int = 4) -> None:
+        if size < 1:
+            raise ValueError(f"objective.buffer_size must be >= 1, got {size}")
+        self.size = size
+        self.items: list[dict[str, torch.Tensor]] = []
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def add(self, traj: dict[str, torch.Tensor], expert: torch.Tensor, cond: Cond) -> None:
+        item = {k: traj[k].detach().cpu() for k in ("t", "xt", "pred")}
+        item["expert"] = expert.detach().cpu()
+        item.update({f"cond.{k}": v.detach().cpu() for k, v in cond.tensors.items()})
+        self.items.append(item)
+        del self.items[: -self.size]
+
+    def sample(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, Cond, torch.Tensor, torch.Tensor]:
+        """``(t, expert x0, cond, x_t, pred)`` for one random trajectory, a random step per sample."""
+        item = self.items[int(torch.randint(len(self.items), ()))]
+        steps, b = item["t"].shape[:2]
+        step = torch.randint(steps, (b,))
+        rows = torch.arange(b)
+        cond = Cond({k[5:]: v.to(device) for k, v in item.items() if k.startswith("cond.")})
+        return (item["t"][step, rows].to(device), item["expert"].to(device), cond,
+                item["xt"][step, rows].to(device), item["pred"][step, rows].to(device))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"size": self.size, "items": list(self.items)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.size, self.items = int(state["size"]), list(state["items"])
