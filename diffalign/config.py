@@ -55,17 +55,17 @@ class DPOConfig(_Section):
 class InPOConfig(_Section):
     name: Literal["inpo"]
     beta: float = 2000.0
-    inversion_steps: int = 10
-    inversion_eta: float = 0.1
+    inversion_steps: int = Field(10, ge=1)
+    inversion_eta: float = Field(0.1, ge=0)
 
 
 class DROConfig(_Section):
     name: Literal["dro"]
-    margin: float = 0.001
-    rollout_steps: int = 20
-    timestep_jitter: float = 0.05
-    buffer_size: int = 4
-    refresh_every: int = 1
+    margin: float = Field(0.001, ge=0)
+    rollout_steps: int = Field(20, ge=1)
+    timestep_jitter: float = Field(0.05, ge=0, le=1)
+    buffer_size: int = Field(4, ge=1)
+    refresh_every: int = Field(1, ge=1)
 
 
 class MaPOConfig(_Section):

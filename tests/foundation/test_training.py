@@ -5,27 +5,16 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from diffalign.config import load_config
 from diffalign.training import train
+from tests.helpers import write_pairs
 
 
 @pytest.fixture
 def pairs(tmp_path):
-    rng = np.random.default_rng(0)
-    (tmp_path / "img").mkdir()
-    rows = []
-    for i in range(8):
-        a = np.full((32, 32, 3), 230, np.uint8)
-        a[8:24, 8:24] = [220, 30, 30]
-        b = (rng.random((32, 32, 3)) * 255).astype(np.uint8)
-        Image.fromarray(a).save(tmp_path / f"img/{i}_0.png")
-        Image.fromarray(b).save(tmp_path / f"img/{i}_1.png")
-        rows.append({"caption": "a red square", "jpg_0": f"img/{i}_0.png", "jpg_1": f"img/{i}_1.png", "label_0": i % 2})
-    path = tmp_path / "pairs.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows))
+    path = write_pairs(tmp_path)
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(f"""
 model: {{path: "tiny:sd15", lora_rank: 4}}

@@ -6,11 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from diffalign.config import ConfigError, load_config
 from diffalign.training import train
+from tests.helpers import write_experts, write_pairs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,26 +32,14 @@ def test_an_option_of_another_objective_is_an_error_naming_the_key(tmp_path):
 
 @pytest.fixture
 def data(tmp_path):
-    """Pairs (red square beats noise) and the same winners as an expert folder."""
-    rng = np.random.default_rng(0)
-    (tmp_path / "img").mkdir()
-    (tmp_path / "experts").mkdir()
-    rows = []
-    for i in range(8):
-        a = np.full((32, 32, 3), 230, np.uint8)
-        a[8:24, 8:24] = [220, 30, 30]
-        b = (rng.random((32, 32, 3)) * 255).astype(np.uint8)
-        Image.fromarray(a).save(tmp_path / f"img/{i}_0.png")
-        Image.fromarray(b).save(tmp_path / f"img/{i}_1.png")
-        Image.fromarray(a).save(tmp_path / f"experts/{i}.png")
-        (tmp_path / f"experts/{i}.txt").write_text("a red square")
-        rows.append({"caption": "a red square", "jpg_0": f"img/{i}_0.png", "jpg_1": f"img/{i}_1.png", "label_0": 1})
-    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    """Pairs (a red square against noise) and expert demonstrations (red squares) for DRO."""
+    write_pairs(tmp_path)
+    write_experts(tmp_path)
     return tmp_path
 
 
 def _cfg(data, objective, out, steps=4, extra=""):
-    train_path = data / ("experts" if objective == "dro" else "pairs.jsonl")
+    train_path = data / ("experts.jsonl" if objective == "dro" else "pairs.jsonl")
     f = data / f"{objective}.yaml"
     f.write_text(f"""
 model: {{path: "tiny:sd15", lora_rank: 4}}
