@@ -108,6 +108,15 @@ class PretrainConfig:
     sd_steps: int = 1600
     sd_batch: int = 64
     sd_lr: float = 1e-3
+    # SD text encoder: "scratch" = a CLIP text encoder of width clip_hidden with the full BPE vocabulary,
+    # trained jointly with the UNet; "toy_clip" = the text tower of a toy CLIP trained first (contrastive,
+    # with position and relation hard negatives; its sub-vocabulary BPE tokenizer), so position and
+    # relation words are separated before the UNet sees them. sd_text_lr_scale: text-encoder lr / UNet lr
+    # (None: 1 for "scratch", 0 = frozen, as in real SD, for "toy_clip").
+    sd_text: str = "scratch"
+    sd_text_lr_scale: float | None = None
+    clip_steps: int = 1500
+    clip_batch: int = 128
     # SD3: transformer
     flow_layers: int = 4
     flow_heads: int = 4
@@ -194,7 +203,10 @@ def _build(out: Path, seed: int, minutes_budget: float, cfg: PretrainConfig) -> 
 
     # --- SD (UNet, epsilon) -----------------------------------------------------------------------
     t = time.time()
-    sd_pipe = _make_sd_pipeline(cfg, seed, vae, stats, clip_tok)
+    sd_tok, clip = clip_tok, None
+    if cfg.sd_text == "toy_clip":
+        clip, sd_tok, report["toy_clip"] = _toy_clip(out / "toy_clip", cfg, seed)
+    sd_pipe = _make_sd_pipeline(cfg, seed, vae, stats, sd_tok, clip)
     sd_log = _train_denoiser("sd", sd_pipe, images, captions, cfg, seed, deadline("sd"))
     report["truncated"]["sd"] = sd_log.pop("truncated")
     sd_pipe.save_pretrained(str(out / "sd"), safe_serialization=True)
@@ -214,11 +226,104 @@ def _build(out: Path, seed: int, minutes_budget: float, cfg: PretrainConfig) -> 
     report["vae_ceiling"] = _vae_ceiling(sd_pipe, cfg)
     for name, log, scale in (("sd", sd_log, cfg.sd_guidance), ("sd3", sd3_log, cfg.flow_guidance)):
         report[name] = {**log, **_evaluate_folder(out / name, cfg, scale), "folder_mb": _folder_mb(out / name)}
+    report["sd"]["text_separation"] = text_separation(out / "sd")
     report["timings_s"]["eval"] = time.time() - t
     report["total_minutes"] = (time.time() - t_start) / 60.0
     report["loadavg_end"] = list(os.getloadavg())
     (out / "base_report.json").write_text(json.dumps(_jsonable(report), indent=2))
     return report
+
+
+def rebuild_sd(
+    out_dir: str | Path, base_dir: str | Path, seed: int = 0, minutes_budget: float = 15.0,
+    config: PretrainConfig | None = None,
+) -> dict[str, Any]:
+    """Train only the SD pipeline again into ``out_dir/sd``, reusing the VAE of ``base_dir/sd`` (same
+    weights and scaling factor, so the SD3 base beside it keeps sharing its VAE); the training images are
+    ``make_dataset(n_images, seed, "train")`` as in ``build_toyworld``. Writes ``out_dir/sd_report.json``
+    (training log, oracle accuracies as in ``base_report.json``, ``text_separation`` of the new and the old
+    text encoder) and returns it."""
+    from diffusers import AutoencoderKL
+
+    cfg = config or PretrainConfig()
+    out = Path(out_dir)
+    if (out / "sd").exists():
+        raise FileExistsError(f"{out / 'sd'} exists; choose a new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    threads_before = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        t_start = time.time()
+        report: dict[str, Any] = {"seed": seed, "base_dir": str(base_dir), "config": _jsonable(asdict(cfg)),
+                                  "torch_threads": torch.get_num_threads(), "loadavg_start": list(os.getloadavg()),
+                                  "timings_s": {}}
+        images, captions = make_dataset(cfg.n_images, seed=seed, split="train")
+        vae = AutoencoderKL.from_pretrained(str(Path(base_dir) / "sd" / "vae"), local_files_only=True).eval()
+        vae.requires_grad_(False)
+        stats = {"raw_rms": 1.0 / float(vae.config.scaling_factor)}
+        t = time.time()
+        if cfg.sd_text == "toy_clip":
+            clip, tok, report["toy_clip"] = _toy_clip(out / "toy_clip", cfg, seed)
+        else:
+            clip, tok = None, _tokenizers(Path(tempfile.mkdtemp(prefix="diffalign_toytok_")), cfg)[0]
+        report["timings_s"]["toy_clip"] = time.time() - t
+        t = time.time()
+        pipe = _make_sd_pipeline(cfg, seed, vae, stats, tok, clip)
+        log = _train_denoiser("sd", pipe, images, captions, cfg, seed, time.time() + 60.0 * minutes_budget)
+        pipe.save_pretrained(str(out / "sd"), safe_serialization=True)
+        report["timings_s"]["sd_train"] = time.time() - t
+        t = time.time()
+        report["sd"] = {**log, **_evaluate_folder(out / "sd", cfg, cfg.sd_guidance), "folder_mb": _folder_mb(out / "sd"),
+                        "text_separation": text_separation(out / "sd")}
+        report["previous_sd"] = {"text_separation": text_separation(Path(base_dir) / "sd")}
+        report["timings_s"]["eval"] = time.time() - t
+        report["total_minutes"] = (time.time() - t_start) / 60.0
+        report["loadavg_end"] = list(os.getloadavg())
+        (out / "sd_report.json").write_text(json.dumps(_jsonable(report), indent=2))
+        return report
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+SEPARATION_PROBES: dict[str, tuple[str, str]] = {
+    "left_right": ("a red circle on the left", "a red circle on the right"),
+    "top_bottom": ("a red circle at the top", "a red circle at the bottom"),
+    "left_center": ("a red circle on the left", "a red circle in the center"),
+    "left_of_right_of": ("a red circle left of a blue square", "a red circle right of a blue square"),
+    "above_below": ("a red circle above a blue square", "a red circle below a blue square"),
+    "colour (reference)": ("a red circle", "a blue circle"),
+    "shape (reference)": ("a red circle", "a red square"),
+}
+"""Caption pairs that differ in one word group: position and relation words, then a colour and a shape
+change for reference."""
+
+
+@torch.no_grad()
+def text_separation(model: Any) -> dict[str, float]:
+    """Cosine similarity of the text conditioning (the whole ``encoder_hidden_states`` context the UNet
+    attends to, flattened) of each ``SEPARATION_PROBES`` pair; 1.0 means the words are indistinguishable."""
+    from ..backbones import load_backbone
+
+    bb = model if hasattr(model, "encode_prompts") else load_backbone(model)
+    out = {}
+    for name, (a, b) in SEPARATION_PROBES.items():
+        h = bb.encode_prompts([a, b]).tensors["encoder_hidden_states"].flatten(1).float()
+        out[name] = round(float(F.cosine_similarity(h[:1], h[1:])), 4)
+    return out
+
+
+def _toy_clip(folder: Path, cfg: PretrainConfig, seed: int) -> tuple[Any, Any, dict[str, Any]]:
+    """The toy CLIP for the SD text encoder: loaded from ``folder`` when saved there, else trained
+    (``cfg.clip_steps`` fixed steps, no time cap, so deterministic in ``seed``) and saved there."""
+    from .clip import load_toy_clip, train_toy_clip
+
+    if not (folder / "config.json").is_file():
+        train_toy_clip(folder, steps=cfg.clip_steps, seed=seed, batch_size=cfg.clip_batch, max_seconds=None,
+                       progress=cfg.progress, threads=None)
+    model, tok = load_toy_clip(folder)
+    info = json.loads((folder / "toy_clip_info.json").read_text()) if (folder / "toy_clip_info.json").is_file() else {}
+    return model, tok, info
 
 
 # ------------------------------------------------------------------------------------------ parts
@@ -308,12 +413,22 @@ def _clip_config(hidden: int, layers: int, heads: int) -> Any:
     )
 
 
-def _make_sd_pipeline(cfg: PretrainConfig, seed: int, vae: nn.Module, stats: dict[str, float], tok: Any) -> Any:
+def _make_sd_pipeline(
+    cfg: PretrainConfig, seed: int, vae: nn.Module, stats: dict[str, float], tok: Any, clip: Any = None
+) -> Any:
+    """The SD pipeline; with ``clip`` (a toy ``CLIPModel``) its text tower is the text encoder and ``tok``
+    must be the toy CLIP's tokenizer."""
     import diffusers as d
     from transformers import CLIPTextModel
 
     sd_vae = _make_vae(cfg, scaling_factor=1.0 / stats["raw_rms"])
     sd_vae.load_state_dict(vae.state_dict())
+    if clip is not None:
+        te = CLIPTextModel(clip.config.text_config)
+        te.load_state_dict(clip.text_model.state_dict())  # strict: the same modules
+    else:
+        torch.manual_seed(seed + 2)
+        te = CLIPTextModel(_clip_config(cfg.clip_hidden, cfg.clip_layers, cfg.clip_heads))
     torch.manual_seed(seed + 1)
     n = len(cfg.unet_blocks)
     unet = d.UNet2DConditionModel(
@@ -321,10 +436,8 @@ def _make_sd_pipeline(cfg: PretrainConfig, seed: int, vae: nn.Module, stats: dic
         block_out_channels=tuple(cfg.unet_blocks), layers_per_block=1,
         down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
         up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
-        cross_attention_dim=cfg.clip_hidden, attention_head_dim=cfg.unet_head_dim, norm_num_groups=16,
+        cross_attention_dim=te.config.hidden_size, attention_head_dim=cfg.unet_head_dim, norm_num_groups=16,
     )
-    torch.manual_seed(seed + 2)
-    te = CLIPTextModel(_clip_config(cfg.clip_hidden, cfg.clip_layers, cfg.clip_heads))
     sched = d.DDIMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
@@ -430,16 +543,19 @@ def _train_denoiser(
     lat_mean, lat_std = torch.cat(means), torch.cat(stds)
     encode_s = time.time() - t
 
-    trainable = [bb.denoiser, *encoder.encoders]
+    text_scale = _text_lr_scale(cfg) if name == "sd" else 1.0
+    trainable = [bb.denoiser, *(encoder.encoders if text_scale > 0 else [])]
     for m in trainable:
         m.train().requires_grad_(True)
-    decay, no_decay = [], []
+    groups = []
     for m in trainable:
+        scale = 1.0 if m is bb.denoiser else text_scale
+        decay, no_decay = [], []
         for pname, p in m.named_parameters():
             (no_decay if p.ndim < 2 or "embed" in pname else decay).append(p)
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
-    )
+        groups += [{"params": decay, "weight_decay": cfg.weight_decay, "lr": lr * scale},
+                   {"params": no_decay, "weight_decay": 0.0, "lr": lr * scale}]
+    opt = torch.optim.AdamW(groups, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, min(cfg.warmup, steps // 10)))
     g = torch.Generator().manual_seed(seed + (21 if name == "sd" else 31))
     params = [p for m in trainable for p in m.parameters()]
@@ -494,8 +610,17 @@ def _train_denoiser(
         "encode_latents_s": encode_s,
         "encode_check_max_abs": err,
         "params": {k: _count(v) for k, v in pipe.components.items() if isinstance(v, nn.Module)},
+        "text_lr_scale": text_scale,
         "truncated": truncated,
     }
+
+
+def _text_lr_scale(cfg: PretrainConfig) -> float:
+    if cfg.sd_text not in ("scratch", "toy_clip"):
+        raise ValueError(f"PretrainConfig.sd_text must be 'scratch' or 'toy_clip', got {cfg.sd_text!r}")
+    if cfg.sd_text_lr_scale is not None:
+        return cfg.sd_text_lr_scale
+    return 1.0 if cfg.sd_text == "scratch" else 0.0
 
 
 def _score(images: torch.Tensor, texts: list[str]) -> dict[str, float]:
@@ -574,8 +699,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("out_dir")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--minutes", type=float, default=15.0, help="safety cap on the build time")
+    ap.add_argument("--sd-text", choices=("scratch", "toy_clip"), default=PretrainConfig.sd_text,
+                    help="SD text encoder: trained from scratch with the UNet, or a toy CLIP's text tower (frozen)")
+    ap.add_argument("--sd-only-from", metavar="BASE_DIR", default=None,
+                    help="rebuild only the SD pipeline into OUT_DIR/sd, reusing BASE_DIR/sd's VAE")
     args = ap.parse_args(argv)
-    report = build_toyworld(args.out_dir, seed=args.seed, minutes_budget=args.minutes)
+    cfg = PretrainConfig(sd_text=args.sd_text)
+    if args.sd_only_from:
+        report = rebuild_sd(args.out_dir, args.sd_only_from, seed=args.seed, minutes_budget=args.minutes, config=cfg)
+        print(json.dumps({k: report["sd"][k] for k in ("train", "heldout", "text_separation")}, indent=2))
+        return
+    report = build_toyworld(args.out_dir, seed=args.seed, minutes_budget=args.minutes, config=cfg)
     summary = {k: {s: report[k][s] for s in ("train", "heldout")} for k in ("sd", "sd3")}
     print(json.dumps({"total_minutes": report["total_minutes"], **summary}, indent=2))
 

@@ -90,3 +90,30 @@ def test_deterministic_in_seed(built: tuple[Path, dict], tmp_path: Path) -> None
                 "sd3/text_encoder_3/model.safetensors", "sd/vae/diffusion_pytorch_model.safetensors"):
         a, b = load_file(str(out / sub)), load_file(str(tmp_path / sub))
         assert all(torch.equal(a[k], b[k]) for k in a), sub
+
+
+def test_rebuild_sd_with_the_toy_clip_text_tower(built: tuple[Path, dict], tmp_path: Path) -> None:
+    """The position-aware SD build: the text encoder is the toy CLIP's text tower, frozen (bit for bit the
+    CLIP's weights after training), with the CLIP's sub-vocabulary tokenizer; the VAE is the base's."""
+    from diffalign.backbones import load_backbone
+    from diffalign.toyworld.clip import load_toy_clip
+    from diffalign.toyworld.pretrain import SEPARATION_PROBES, rebuild_sd
+
+    base, _ = built
+    cfg = PretrainConfig(**TINY, sd_text="toy_clip", clip_steps=2, clip_batch=8)
+    report = rebuild_sd(tmp_path / "pos", base, config=cfg)
+    bb = load_backbone(tmp_path / "pos" / "sd")
+    clip, tok = load_toy_clip(tmp_path / "pos" / "toy_clip")
+    te = bb.pipe.text_encoder.state_dict()
+    for k, v in clip.text_model.state_dict().items():
+        torch.testing.assert_close(te[k], v, atol=0, rtol=0)
+    assert bb.pipe.tokenizer.get_vocab() == tok.get_vocab() and len(tok) < 2000
+    assert bb.pipe.unet.config.cross_attention_dim == clip.config.text_config.hidden_size
+    old_vae = load_backbone(base / "sd").vae.state_dict()
+    for k, v in bb.vae.state_dict().items():
+        torch.testing.assert_close(v, old_vae[k], atol=0, rtol=0)
+    sep = report["sd"]["text_separation"]
+    assert set(sep) == set(SEPARATION_PROBES) and all(-1.0 <= v <= 1.0 + 1e-6 for v in sep.values())
+    assert report["sd"]["text_lr_scale"] == 0.0 and set(report["sd"]["heldout"]) >= {"position", "shape"}
+    with pytest.raises(FileExistsError):
+        rebuild_sd(tmp_path / "pos", base, config=cfg)

@@ -1,0 +1,68 @@
+"""Score toy base models on the precise held-out protocol and compare them sample by sample.
+
+    OMP_NUM_THREADS=1 python scripts/eval_bases.py --out runs/eval_bases NAME=DIR [NAME=DIR ...]
+
+Writes ``OUT/NAME.pt`` (per-sample scores, reused when present) and ``OUT/bases.json``/``bases.md``: each
+model's mean with a 95% bootstrap interval, and the paired difference of every model from the first one
+(meaningful between models of one latent space and protocol: same prompts, same starting noise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from diffalign.bench import precise
+from diffalign.bench.precise import Protocol
+
+try:
+    from diffalign.bench.experiment import ORACLES, load_rewards
+except ImportError:  # pragma: no cover - before the core refactor moved it
+    from diffalign.toyworld.experiment import ORACLES, load_rewards  # type: ignore[no-redef]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("models", nargs="+", help="NAME=DIR pairs; the first is the reference")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--prompts", type=int, default=256)
+    ap.add_argument("--seeds", type=int, default=4)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    from diffalign.backbones import load_backbone
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    proto = Protocol(prompts=args.prompts, seeds=args.seeds)
+    rs = load_rewards([*ORACLES, "toy_aesthetic"])
+    scores = {}
+    for spec in args.models:
+        name, folder = spec.split("=", 1)
+        path = out / f"{name}.pt"
+        if not path.exists():
+            s = precise.sample_scores(load_backbone(folder), proto, rs, progress=True, desc=name)
+            torch.save(s, path)
+        scores[name] = torch.load(path, weights_only=True)
+    ref = next(iter(scores))
+    report = {"protocol": proto.as_dict(), "models": {}}
+    lines = [f"{proto.prompts} held-out prompts x {proto.seeds} seeds = {proto.n} samples; mean [95% bootstrap "
+             f"interval]; 'vs {ref}': paired difference", "",
+             "| model | " + " | ".join(scores[ref]) + " |", "|---" * (len(scores[ref]) + 1) + "|"]
+    for name, s in scores.items():
+        row = {m: precise.curve_band([(0, v)])[0] for m, v in s.items()}
+        diff = {m: precise.gain(scores[ref][m], [v]) for m, v in s.items()} if name != ref else {}
+        report["models"][name] = {"mean": row, f"vs_{ref}": diff}
+        lines.append(f"| {name} | " + " | ".join(f"{row[m]['mean']:.3f} [{row[m]['low']:.3f}, {row[m]['high']:.3f}]"
+                                                 for m in s) + " |")
+        if diff:
+            lines.append(f"| {name} vs {ref} | " + " | ".join(precise.fmt_gain(diff[m]) for m in s) + " |")
+    (out / "bases.json").write_text(json.dumps(report, indent=2))
+    (out / "bases.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
