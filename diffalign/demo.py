@@ -35,11 +35,14 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)  # toy models: one thread is as fast, and robust on a shared CPU (docs/BENCHMARKS.md)
 
+    import rewards
+
     from .backbones import load_backbone
+    from .bench.alignment import evaluate_model, plot_curve, reward_curve, run_config
+    from .bench.experiment import ORACLES, TOY_GUIDANCE, load_rewards
     from .toyworld import shapes
-    from .toyworld.alignment import evaluate_model, plot_curve, reward_curve, run_config
-    from .toyworld.cli import DEFAULT_BASE, find_base, parse_reward
-    from .toyworld.experiment import ORACLES, TOY_GUIDANCE, load_rewards, make_pairs
+    from .toyworld.bases import DEFAULT_BASE, find_base
+    from .toyworld.pairs import make_pairs
     from .training import train
     from .utils.images import save_grid
 
@@ -61,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (pairs_dir / "pairs.jsonl").exists():
         print(f"sampling {args.k} images for each of {args.pair_prompts} train prompts; labelling by {args.target}")
         stats = make_pairs(load_backbone(model), shapes.prompts("train", n=args.pair_prompts, seed=args.seed),
-                           parse_reward(args.target), pairs_dir, k=args.k, seed=args.seed)
+                           rewards.from_spec(args.target), pairs_dir, k=args.k, seed=args.seed)
         print(f"  {stats['pairs']} pairs, {stats['ties']} ties")
 
     run_dir = out / "dpo"
