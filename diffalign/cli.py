@@ -177,12 +177,18 @@ def _select_experts(args: argparse.Namespace, _: list[str]) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace, _: list[str]) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
 def _toyworld_build(args: argparse.Namespace, _: list[str]) -> int:
     import json
 
     from .toyworld.pretrain import build_toyworld
 
-    print(json.dumps(build_toyworld(args.out, seed=args.seed), indent=2))
+    print(json.dumps(build_toyworld(args.out, seed=args.seed, minutes_budget=args.minutes), indent=2))
     return 0
 
 
@@ -286,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp.set_defaults(func=_tiny_pairs)
 
     _add_data_parsers(sub)
+    _add_demo_parser(sub)
     _add_toyworld_parsers(sub)
     _add_bench_parsers(sub)
     return p
@@ -352,6 +359,22 @@ def _add_data_parsers(sub: Any) -> None:
     s.set_defaults(func=_select_experts)
 
 
+def _add_demo_parser(sub: Any) -> None:
+    from .demo import __doc__ as demo_doc
+
+    d = sub.add_parser("demo", help="preference alignment end to end in the toy world (`make demo`)", description=demo_doc,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--target", default="toy_shape", help="labelling reward = target metric")
+    d.add_argument("--pair-prompts", type=int, default=1024)
+    d.add_argument("--k", type=int, default=4)
+    d.add_argument("--steps", type=int, default=400)
+    d.add_argument("--eval-prompts", type=int, default=96)
+    d.add_argument("--checkpoint-every", type=int, default=100)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=_demo)
+
+
 def _add_toyworld_parsers(sub: Any) -> None:
     from .toyworld.bases import DEFAULT_BASE
 
@@ -360,6 +383,7 @@ def _add_toyworld_parsers(sub: Any) -> None:
     b = tsub.add_parser("build", help="pretrain the toy SD and flow base models (CPU, minutes)")
     b.add_argument("--out", default=str(DEFAULT_BASE))
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--minutes", type=float, default=15.0, help="safety cap on the build time")
     b.set_defaults(func=_toyworld_build)
     p = tsub.add_parser("pairs", help="sample k images per prompt from a model, label best vs worst by a reward")
     p.add_argument("--model", default=None, help="diffusers folder (default: the toy SD base)")
