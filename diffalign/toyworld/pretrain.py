@@ -690,29 +690,3 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, float):
         return round(obj, 6)
     return obj
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    ap = argparse.ArgumentParser(description="Pretrain the toy world's SD and SD3 base models (CPU).")
-    ap.add_argument("out_dir")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--minutes", type=float, default=15.0, help="safety cap on the build time")
-    ap.add_argument("--sd-text", choices=("scratch", "toy_clip"), default=PretrainConfig.sd_text,
-                    help="SD text encoder: trained from scratch with the UNet, or a toy CLIP's text tower (frozen)")
-    ap.add_argument("--sd-only-from", metavar="BASE_DIR", default=None,
-                    help="rebuild only the SD pipeline into OUT_DIR/sd, reusing BASE_DIR/sd's VAE")
-    args = ap.parse_args(argv)
-    cfg = PretrainConfig(sd_text=args.sd_text)
-    if args.sd_only_from:
-        report = rebuild_sd(args.out_dir, args.sd_only_from, seed=args.seed, minutes_budget=args.minutes, config=cfg)
-        print(json.dumps({k: report["sd"][k] for k in ("train", "heldout", "text_separation")}, indent=2))
-        return
-    report = build_toyworld(args.out_dir, seed=args.seed, minutes_budget=args.minutes, config=cfg)
-    summary = {k: {s: report[k][s] for s in ("train", "heldout")} for k in ("sd", "sd3")}
-    print(json.dumps({"total_minutes": report["total_minutes"], **summary}, indent=2))
-
-
-if __name__ == "__main__":
-    main()
