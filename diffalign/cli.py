@@ -186,9 +186,14 @@ def _demo(args: argparse.Namespace, _: list[str]) -> int:
 def _toyworld_build(args: argparse.Namespace, _: list[str]) -> int:
     import json
 
-    from .toyworld.pretrain import build_toyworld
+    from .toyworld.pretrain import PretrainConfig, build_toyworld, rebuild_sd
 
-    print(json.dumps(build_toyworld(args.out, seed=args.seed, minutes_budget=args.minutes), indent=2))
+    cfg = PretrainConfig(**({"sd_text": args.sd_text} if args.sd_text else {}))
+    if args.sd_only_from:
+        report = rebuild_sd(args.out, args.sd_only_from, seed=args.seed, minutes_budget=args.minutes, config=cfg)
+    else:
+        report = build_toyworld(args.out, seed=args.seed, minutes_budget=args.minutes, config=cfg)
+    print(json.dumps(report, indent=2))
     return 0
 
 
@@ -384,6 +389,11 @@ def _add_toyworld_parsers(sub: Any) -> None:
     b.add_argument("--out", default=str(DEFAULT_BASE))
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--minutes", type=float, default=15.0, help="safety cap on the build time")
+    b.add_argument("--sd-text", choices=("scratch", "toy_clip"), default=None,
+                   help="SD text encoder: trained from scratch with the UNet, or a toy CLIP's text tower (frozen); "
+                   "default: PretrainConfig's")
+    b.add_argument("--sd-only-from", metavar="BASE_DIR", default=None,
+                   help="rebuild only the SD pipeline into OUT/sd, reusing BASE_DIR/sd's VAE")
     b.set_defaults(func=_toyworld_build)
     p = tsub.add_parser("pairs", help="sample k images per prompt from a model, label best vs worst by a reward")
     p.add_argument("--model", default=None, help="diffusers folder (default: the toy SD base)")

@@ -32,14 +32,9 @@ from typing import Any
 import torch
 
 from diffalign.bench import precise
+from diffalign.bench.alignment import TOY_LR, run_config, toy_experts
+from diffalign.bench.experiment import ORACLES, load_rewards, make_pairs
 from diffalign.bench.precise import Protocol
-
-try:  # the bench moved from toyworld/ to bench/ in the core refactor
-    from diffalign.bench.alignment import TOY_LR, run_config
-    from diffalign.bench.experiment import ORACLES, load_rewards, make_pairs
-except ImportError:  # pragma: no cover - before the move
-    from diffalign.toyworld.alignment import TOY_LR, run_config  # type: ignore[no-redef]
-    from diffalign.toyworld.experiment import ORACLES, load_rewards, make_pairs  # type: ignore[no-redef]
 
 METRICS = [*ORACLES, "toy_aesthetic"]
 
@@ -145,10 +140,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     curves = [o for o in args.curve.split(",") if o]
     experts_best = out / "experts_best"
     if any(o == "dro" for o in objectives) and not (experts_best / "experts.jsonl").exists():
-        try:
-            from diffalign.bench.alignment import toy_experts
-        except ImportError:  # pragma: no cover
-            from diffalign.toyworld.alignment import toy_experts  # type: ignore[no-redef]
         toy_experts(pairs_dir, rs[args.label], out=experts_best)
     if any(o.endswith("_render") for o in objectives):
         render_experts, render_pairs = render_data(pairs_dir, out / "render")

@@ -16,12 +16,8 @@ from pathlib import Path
 import torch
 
 from diffalign.bench import precise
+from diffalign.bench.experiment import ORACLES, load_rewards
 from diffalign.bench.precise import Protocol
-
-try:
-    from diffalign.bench.experiment import ORACLES, load_rewards
-except ImportError:  # pragma: no cover - before the core refactor moved it
-    from diffalign.toyworld.experiment import ORACLES, load_rewards  # type: ignore[no-redef]
 
 
 def main(argv: list[str] | None = None) -> None:

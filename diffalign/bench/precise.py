@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..backbones.base import Backbone
+from .stats import paired_bootstrap
 
 TOY_GUIDANCE = 5.0
 
@@ -112,35 +113,6 @@ def sample_scores(backbone: Backbone, protocol: Protocol, rewards: dict[str, Any
 
 
 # ------------------------------------------------------------------------------------------ intervals
-
-
-@dataclass(frozen=True)
-class Interval:
-    mean: float
-    low: float
-    high: float
-    n: int
-    level: float
-
-    def __str__(self) -> str:
-        return f"{self.mean:+.3f} [{self.low:+.3f}, {self.high:+.3f}]"
-
-
-def paired_bootstrap(a: torch.Tensor | Sequence[float], b: torch.Tensor | Sequence[float], n_boot: int = 2000,
-                     level: float = 0.95, seed: int = 0) -> Interval:
-    """Mean of ``b - a`` over paired samples with its percentile-bootstrap interval (samples resampled)."""
-    a_t = torch.as_tensor(a, dtype=torch.float64).flatten()
-    b_t = torch.as_tensor(b, dtype=torch.float64).flatten()
-    if a_t.shape != b_t.shape or a_t.numel() == 0:
-        raise ValueError(f"paired_bootstrap: need two score lists of one non-zero length, got {a_t.numel()} "
-                         f"and {b_t.numel()}")
-    if not 0 < level < 1:
-        raise ValueError(f"paired_bootstrap: level must be in (0, 1), got {level}")
-    d = b_t - a_t
-    idx = torch.randint(d.numel(), (n_boot, d.numel()), generator=torch.Generator().manual_seed(seed))
-    means = d[idx].mean(1)
-    lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
-    return Interval(float(d.mean()), lo, hi, d.numel(), level)
 
 
 def gain(base: torch.Tensor, runs: Sequence[torch.Tensor], n_boot: int = 2000, level: float = 0.95,

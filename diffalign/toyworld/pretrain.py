@@ -52,7 +52,8 @@ UNet step) as soon as another process takes a core, because libgomp's worker thr
 barrier; ``OMP_WAIT_POLICY=PASSIVE`` (set before torch starts) avoids the collapse but is then no
 faster than one thread. One thread is also bitwise reproducible whatever the machine's load.
 
-CLI: ``python -m diffalign.toyworld.pretrain OUT_DIR [--seed S] [--minutes M]``.
+CLI: ``diffalign toyworld build [--out DIR] [--seed S] [--minutes M] [--sd-text scratch|toy_clip]
+[--sd-only-from BASE_DIR]`` (the last rebuilds only the SD pipeline, ``rebuild_sd``).
 """
 
 from __future__ import annotations
