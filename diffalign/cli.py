@@ -430,8 +430,8 @@ def _add_bench_parsers(sub: Any) -> None:
                    help="score a checkpoint every N steps: steps to reach the first objective's final gain")
     a.add_argument("--batch-size", type=int, default=16)
     a.add_argument("--lr", type=float, default=None, help="LoRA learning rate (default: each objective's TOY_LR)")
-    a.add_argument("--eval-prompts", type=int, default=96)
-    a.add_argument("--eval-seeds", type=int, default=2)
+    a.add_argument("--eval-prompts", type=int, default=256, help="held-out prompts (default 256 x 4 seeds = 1024 samples)")
+    a.add_argument("--eval-seeds", type=int, default=4, help="samples per held-out prompt (same noise for every model)")
     a.set_defaults(func=_bench_alignment)
 
 

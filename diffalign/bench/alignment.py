@@ -18,6 +18,7 @@ from ..config import RunConfig
 from ..toyworld import shapes
 from ..toyworld.bases import find_base
 from ..toyworld.pairs import make_pairs
+from . import precise
 from .experiment import ORACLES, TOY_GUIDANCE, evaluate, load_rewards
 
 # objective name -> config overrides that differ from the DPO defaults (later issues add theirs)
@@ -93,15 +94,24 @@ def evaluate_model(model_dir: str | Path, lora: str | Path | None, prompts: list
     return evaluate(bb, prompts, rs, seeds=seeds, steps=steps, guidance_scale=guidance)
 
 
+def score_model(model_dir: str | Path, lora: str | Path | None, protocol: precise.Protocol,
+                rs: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Per-sample scores of the base (plus ``lora``) on ``protocol`` (``precise.sample_scores``)."""
+    bb = load_backbone(model_dir)
+    if lora:
+        load_lora(bb, lora)
+    return precise.sample_scores(bb, protocol, rs)
+
+
 def reward_curve(model_dir: str | Path, run_dir: str | Path, prompts: list[str], rs: dict[str, Any],
-                 steps: int, guidance: float) -> list[dict[str, float]]:
-    """Metrics of every saved checkpoint's LoRA (step 0 = the base)."""
+                 steps: int, guidance: float, seeds: int = 1) -> list[dict[str, float]]:
+    """Metrics of every saved checkpoint's LoRA (step 0 = the base), ``seeds`` samples per prompt."""
     from ..training.checkpoints import list_checkpoints
 
-    points = [{"step": 0, **evaluate_model(model_dir, None, prompts, rs, 1, steps, guidance)[0]}]
+    points = [{"step": 0, **evaluate_model(model_dir, None, prompts, rs, seeds, steps, guidance)[0]}]
     for ck in list_checkpoints(run_dir):
         step = json.loads((ck / "diffalign_checkpoint.json").read_text())["step"]
-        points.append({"step": step, **evaluate_model(model_dir, ck / "lora", prompts, rs, 1, steps, guidance)[0]})
+        points.append({"step": step, **evaluate_model(model_dir, ck / "lora", prompts, rs, seeds, steps, guidance)[0]})
     return points
 
 
@@ -132,26 +142,33 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def bench_alignment(
     base: str | Path, pairs: str | Path, objectives: list[str], seeds: int, out: str | Path,
     eval_prompts: list[str], target: str, steps: int = 300, batch_size: int = 16, lr: float | None = None,
-    eval_seeds: int = 2, sample_steps: int = 20, guidance: float = TOY_GUIDANCE, clip_path: str | None = None,
-    curve_every: int = 0, experts: str | Path | None = None,
+    eval_seeds: int = 4, sample_steps: int = 20, guidance: float = TOY_GUIDANCE, clip_path: str | None = None,
+    curve_every: int = 0, experts: str | Path | None = None, curve_prompts: int = 64, curve_seeds: int = 4,
 ) -> dict[str, Any]:
     """Every objective from the same base on the same pairs with the same budget, over ``seeds``.
-    ``curve_every``: also score a checkpoint every that many steps on the target metric (one sample per
-    held-out prompt) and report the steps each objective needs to reach the first objective's final
-    mean gain there."""
+    Base and tuned models are scored on the same ``eval_prompts`` x ``eval_seeds`` samples (same starting
+    noise); each gain gets a 95% paired bootstrap interval over those samples (``precise.gain``) beside the
+    spread over training seeds. ``curve_every``: also score a checkpoint every that many steps on the target
+    metric (the first ``curve_prompts`` held-out prompts x ``curve_seeds`` samples) and report the steps each
+    objective needs to reach the first objective's final mean gain there."""
     from ..training import train
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     names = list(ORACLES) + ["toy_aesthetic"] + (["toy_clip"] if clip_path else [])
     rs = load_rewards(names, clip_path)
-    before, _ = evaluate_model(base, None, eval_prompts, rs, eval_seeds, sample_steps, guidance)
+    protocol = precise.Protocol.of(eval_prompts, eval_seeds, steps=sample_steps, guidance=guidance)
+    base_scores = score_model(base, None, protocol, rs)
+    before = precise.means(base_scores)
     results: dict[str, Any] = {"target_metric": target, "base": before, "objectives": {}, "settings": {
         "steps": steps, "batch_size": batch_size, "lr": lr or {o: TOY_LR.get(o) for o in objectives},
-        "seeds": seeds, "eval_prompts": len(eval_prompts),
+        "seeds": seeds, "eval_prompts": len(eval_prompts), "eval_samples": protocol.n,
         "eval_seeds": eval_seeds, "sample_steps": sample_steps, "guidance": guidance, "pairs": str(pairs)}}
+    if curve_every:
+        n_curve = min(curve_prompts, len(eval_prompts))
+        results["settings"]["curve_samples"] = f"{n_curve} prompts x {curve_seeds} samples per point"
     for obj in objectives:
-        runs = []
+        runs, run_scores = [], []
         for s in range(seeds):
             run_dir = out / f"{obj}_seed{s}"
             t0 = time.time()
@@ -161,16 +178,20 @@ def bench_alignment(
                 cfg.train.keep_checkpoints = 0  # keep them all for the curve
             res = train(cfg, resume="auto")  # an interrupted bench continues its runs
             wall = time.time() - t0
-            after, _ = evaluate_model(base, res["weights"], eval_prompts, rs, eval_seeds, sample_steps, guidance)
-            run = {"seed": s, "after": after, "train_seconds": wall, "seconds_per_step": wall / steps}
+            scores = score_model(base, res["weights"], protocol, rs)
+            run_scores.append(scores)
+            run = {"seed": s, "after": precise.means(scores), "train_seconds": wall, "seconds_per_step": wall / steps}
             if curve_every:
-                run["curve"] = reward_curve(base, run_dir, eval_prompts, {target: rs[target]}, sample_steps, guidance)
+                run["curve"] = reward_curve(base, run_dir, eval_prompts[:curve_prompts], {target: rs[target]},
+                                            sample_steps, guidance, seeds=curve_seeds)
             runs.append(run)
         summary = {}
+        intervals = precise.gains(base_scores, run_scores)
         for m in before:
             gains = [r["after"][m] - before[m] for r in runs]
             mu, sd = mean_std(gains)
-            summary[m] = {"gain_mean": mu, "gain_std": sd, "after_mean": mean_std([r["after"][m] for r in runs])[0]}
+            summary[m] = {"gain_mean": mu, "gain_std": sd, "after_mean": mean_std([r["after"][m] for r in runs])[0],
+                          "ci_low": intervals[m]["low"], "ci_high": intervals[m]["high"]}
         summary["train_seconds"] = dict(zip(("mean", "std"), mean_std([r["train_seconds"] for r in runs]), strict=True))
         results["objectives"][obj] = {"runs": runs, "summary": summary}
     if curve_every:
@@ -186,8 +207,10 @@ def bench_alignment(
 def results_table(results: dict[str, Any]) -> str:
     base = results["base"]
     metrics = list(base)
-    lines = [f"target metric: `{results['target_metric']}`; gains are after - base, mean ± std over "
-             f"{results['settings']['seeds']} seeds; {results['settings']['steps']} steps each", ""]
+    st = results["settings"]
+    lines = [f"target metric: `{results['target_metric']}`; gains are after - base on {st.get('eval_samples', '?')} "
+             f"held-out samples (same noise), mean [95% paired bootstrap interval over samples] ± std over "
+             f"{st['seeds']} training seeds; {st['steps']} steps each", ""]
     reach = results.get("reach")
     extra = " s/step |" + (" steps to reach |" if reach else "")
     lines.append("| objective | " + " | ".join(metrics) + " |" + extra)
@@ -195,7 +218,8 @@ def results_table(results: dict[str, Any]) -> str:
     lines.append("| base (value) | " + " | ".join(f"{base[m]:.3f}" for m in metrics) + " | - |" + (" - |" if reach else ""))
     for obj, r in results["objectives"].items():
         s = r["summary"]
-        cells = [f"{s[m]['gain_mean']:+.3f} ± {s[m]['gain_std']:.3f}" for m in metrics]
+        cells = [f"{s[m]['gain_mean']:+.3f}" + (f" [{s[m]['ci_low']:+.3f}, {s[m]['ci_high']:+.3f}]" if "ci_low" in s[m]
+                                                else "") + f" ± {s[m]['gain_std']:.3f}" for m in metrics]
         per_step = s["train_seconds"]["mean"] / results["settings"]["steps"]
         row = f"| {obj} (gain) | " + " | ".join(cells) + f" | {per_step:.3f} |"
         if reach:
@@ -204,7 +228,8 @@ def results_table(results: dict[str, Any]) -> str:
     if reach:
         lines.append("")
         lines.append(f"steps to reach: the first checkpoint (per training seed) whose `{reach['metric']}` on the held-out "
-                     f"prompts (1 sample each) reaches {reach['level']:.3f}, the final mean of `{reach['reference']}` "
+                     f"prompts ({st.get('curve_samples', 'one sample each')}) reaches {reach['level']:.3f}, the final "
+                     f"mean of `{reach['reference']}` "
                      f"on the same curve (base {reach['base']:.3f}); 'never' = not within the budget.")
     return "\n".join(lines) + "\n"
 
@@ -279,8 +304,8 @@ def plot_reach(results: dict[str, Any], path: str | Path) -> Path:
 def run_bench(objectives: list[str], seeds: int, out: str | Path, *, base: str | Path | None = None,
               pairs: str | Path | None = None, reward: str = "toy_shape", target: str = "toy_shape",
               clip: str | None = None, pair_prompts: int = 1024, pair_seed: int = 0, k: int = 4, steps: int = 400,
-              curve_every: int = 0, batch_size: int = 16, lr: float | None = None, eval_prompts: int = 96,
-              eval_seeds: int = 2) -> dict[str, Any]:
+              curve_every: int = 0, batch_size: int = 16, lr: float | None = None, eval_prompts: int = 256,
+              eval_seeds: int = 4) -> dict[str, Any]:
     """``diffalign bench alignment``: sample pairs from the toy SD base (unless ``pairs`` is given),
     train each objective over ``seeds`` and compare them on held-out prompts."""
     import rewards

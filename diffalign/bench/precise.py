@@ -43,6 +43,12 @@ class Protocol:
     noise_seed: int = 1234
     prompt_seed: int = 0
     batch_size: int = 128
+    prompt_list: tuple[str, ...] | None = None  # explicit held-out captions instead of eval_prompts(prompts, prompt_seed)
+
+    @classmethod
+    def of(cls, captions: Sequence[str], seeds: int, **kw: Any) -> Protocol:
+        """A protocol over explicit captions (each sampled ``seeds`` times)."""
+        return cls(prompts=len(captions), seeds=seeds, prompt_list=tuple(captions), **kw)
 
     @property
     def n(self) -> int:
@@ -52,13 +58,15 @@ class Protocol:
         """The held-out captions, each repeated ``seeds`` times (sample order)."""
         from ..toyworld.shapes import eval_prompts
 
-        uniq = eval_prompts(self.prompts, seed=self.prompt_seed)
+        uniq = list(self.prompt_list) if self.prompt_list is not None else eval_prompts(self.prompts, seed=self.prompt_seed)
         if len(uniq) != self.prompts:
             raise ValueError(f"Protocol.prompts={self.prompts}: only {len(uniq)} held-out prompts exist")
         return [p for p in uniq for _ in range(self.seeds)]
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "samples": self.n}
+        d = asdict(self)
+        d["prompt_list"] = None if self.prompt_list is None else list(self.prompt_list)
+        return {**d, "samples": self.n}
 
 
 def start_noise(backbone: Backbone, n: int, seed: int, offset: int = 0) -> torch.Tensor:

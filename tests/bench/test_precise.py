@@ -87,3 +87,27 @@ def test_steps_to_reach_with_interval():
     assert r["steps"] is None and r["never_fraction"] == 1.0
     band = precise.curve_band(list(zip(steps, curve, strict=True)), n_boot=50)
     assert [b["mean"] for b in band] == [0.0, 0.0, 1.0, 1.0] and band[2]["low"] == band[2]["high"] == 1.0
+
+
+def test_alignment_bench_reports_paired_intervals(tmp_path):
+    """``bench_alignment`` scores base and tuned models on the same samples and reports each gain with its
+    paired bootstrap interval (the gain mean lies inside it) and curves with several samples per point."""
+    import json
+
+    from diffalign.backbones.tiny import save_tiny
+    from diffalign.bench.alignment import bench_alignment
+    from diffalign.data.synthetic import write_rendered_pairs
+
+    model = save_tiny("sd15", tmp_path / "m")
+    pairs = write_rendered_pairs(tmp_path / "pairs", n=8, seed=0)
+    res = bench_alignment(model, pairs, ["dpo"], seeds=2, out=tmp_path / "bench",
+                          eval_prompts=["a red circle", "a blue square", "a green triangle"], target="toy_color",
+                          steps=2, batch_size=2, eval_seeds=2, sample_steps=2, curve_every=1, curve_prompts=2,
+                          curve_seeds=2)
+    assert res["settings"]["eval_samples"] == 6
+    s = res["objectives"]["dpo"]["summary"]
+    for m in res["base"]:
+        assert s[m]["ci_low"] - 1e-9 <= s[m]["gain_mean"] <= s[m]["ci_high"] + 1e-9
+    assert [p["step"] for p in res["objectives"]["dpo"]["runs"][0]["curve"]] == [0, 1, 2]
+    assert "2 prompts x 2 samples per point" in (tmp_path / "bench" / "results.md").read_text()
+    assert json.loads((tmp_path / "bench" / "results.json").read_text())["settings"]["eval_samples"] == 6
