@@ -33,8 +33,9 @@ import torch
 
 from diffalign.bench import precise
 from diffalign.bench.alignment import TOY_LR, run_config, toy_experts
-from diffalign.bench.experiment import ORACLES, load_rewards, make_pairs
+from diffalign.bench.experiment import ORACLES, load_rewards
 from diffalign.bench.precise import Protocol
+from diffalign.toyworld.pairs import make_pairs
 
 METRICS = [*ORACLES, "toy_aesthetic"]
 
