@@ -18,6 +18,9 @@ import torch
 from diffalign.bench import precise
 from diffalign.bench.experiment import ORACLES, load_rewards
 from diffalign.bench.precise import Protocol
+from diffalign.toyworld.shapes import POSITION_PHRASE, RELATIONS
+
+POSITION_WORDS = tuple(POSITION_PHRASE.values())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -55,6 +58,20 @@ def main(argv: list[str] | None = None) -> None:
                                                  for m in s) + " |")
         if diff:
             lines.append(f"| {name} vs {ref} | " + " | ".join(precise.fmt_gain(diff[m]) for m in s) + " |")
+    # position split by prompt kind: a position word on one object ("... on the left") or a relation
+    # between two objects ("... left of ..."); chance is about 1/5 for the first
+    caps = proto.captions()
+    word = torch.tensor([any(w in c for w in POSITION_WORDS) for c in caps])
+    rel = torch.tensor([any(f" {r} " in f" {c} " for r in RELATIONS) for c in caps])
+    lines += ["", f"toy_position by prompt kind ({int(word.sum())} samples with a position word, {int(rel.sum())} "
+              "with a relation):", "", "| model | position word | relation |", "|---|---|---|"]
+    for name, s in scores.items():
+        cells = []
+        for mask in (word, rel):
+            b = precise.curve_band([(0, s["toy_position"][mask])])[0]
+            cells.append(f"{b['mean']:.3f} [{b['low']:.3f}, {b['high']:.3f}]")
+            report["models"][name].setdefault("position_by_kind", []).append(b)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     (out / "bases.json").write_text(json.dumps(report, indent=2))
     (out / "bases.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
