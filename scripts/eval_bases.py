@@ -41,13 +41,27 @@ def main(argv: list[str] | None = None) -> None:
     for spec in args.models:
         name, folder = spec.split("=", 1)
         path = out / f"{name}.pt"
-        if not path.exists():
-            s = precise.sample_scores(load_backbone(folder), proto, rs, progress=True, desc=name)
-            torch.save(s, path)
+        if not path.exists():  # batch by batch into NAME.partial.pt, so a stopped run keeps its samples
+            part = out / f"{name}.partial.pt"
+            done = torch.load(part, weights_only=True) if part.exists() else {"images": torch.empty(0)}
+            bb = load_backbone(folder)
+            caps = proto.captions()
+            for i in range(len(done["images"]), proto.n, proto.batch_size):
+                imgs = precise.sample_images(bb, proto, start=i, stop=i + proto.batch_size)
+                done = {"images": torch.cat([done["images"], imgs])}
+                torch.save(done, part)
+                print(f"{name}: {len(done['images'])}/{proto.n} samples", flush=True)
+            imgs = done["images"]
+            torch.save(precise.score_images(imgs, caps[: len(imgs)], rs, proto.seeds), path)
         scores[name] = torch.load(path, weights_only=True)
+    # a model stopped early has fewer samples: compare every model on the samples all of them have
+    n = min(len(s["toy_color"]) for s in scores.values())
+    scores = {k: {m: v[: n // proto.seeds] if m == "diversity" else v[:n] for m, v in s.items()}
+              for k, s in scores.items()}
     ref = next(iter(scores))
     report = {"protocol": proto.as_dict(), "models": {}}
-    lines = [f"{proto.prompts} held-out prompts x {proto.seeds} seeds = {proto.n} samples; mean [95% bootstrap "
+    report["samples_compared"] = n
+    lines = [f"{proto.prompts} held-out prompts x {proto.seeds} seeds = {proto.n} samples ({n} compared); mean [95% bootstrap "
              f"interval]; 'vs {ref}': paired difference", "",
              "| model | " + " | ".join(scores[ref]) + " |", "|---" * (len(scores[ref]) + 1) + "|"]
     for name, s in scores.items():
@@ -60,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
             lines.append(f"| {name} vs {ref} | " + " | ".join(precise.fmt_gain(diff[m]) for m in s) + " |")
     # position split by prompt kind: a position word on one object ("... on the left") or a relation
     # between two objects ("... left of ..."); chance is about 1/5 for the first
-    caps = proto.captions()
+    caps = proto.captions()[:n]
     word = torch.tensor([any(w in c for w in POSITION_WORDS) for c in caps])
     rel = torch.tensor([any(f" {r} " in f" {c} " for r in RELATIONS) for c in caps])
     lines += ["", f"toy_position by prompt kind ({int(word.sum())} samples with a position word, {int(rel.sum())} "

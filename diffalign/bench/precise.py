@@ -79,14 +79,18 @@ def start_noise(backbone: Backbone, n: int, seed: int, offset: int = 0) -> torch
 
 
 @torch.no_grad()
-def sample_images(backbone: Backbone, protocol: Protocol, progress: bool = False, desc: str = "evaluating") -> torch.Tensor:
-    """Every sample of ``protocol`` from ``backbone``, ``[N,3,H,W]`` in [0,1], in batches of ``batch_size``."""
+def sample_images(backbone: Backbone, protocol: Protocol, progress: bool = False, desc: str = "evaluating",
+                  start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Samples ``start .. stop-1`` (default: all) of ``protocol`` from ``backbone``, ``[N,3,H,W]`` in [0,1], in
+    batches of ``batch_size``; a sample's image does not depend on ``start``/``stop`` (its noise is seeded by
+    its index)."""
     from ..sampling.solvers import generate
 
     captions = protocol.captions()
+    stop = len(captions) if stop is None else min(stop, len(captions))
     out = []
-    for i in tqdm(range(0, len(captions), protocol.batch_size), desc=desc, disable=not progress, leave=False):
-        chunk = captions[i : i + protocol.batch_size]
+    for i in tqdm(range(start, stop, protocol.batch_size), desc=desc, disable=not progress, leave=False):
+        chunk = captions[i : min(i + protocol.batch_size, stop)]
         out.append(generate(backbone, chunk, steps=protocol.steps, guidance_scale=protocol.guidance,
                             latents=start_noise(backbone, len(chunk), protocol.noise_seed, offset=i)).cpu())
     return torch.cat(out)
