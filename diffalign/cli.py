@@ -234,6 +234,28 @@ def _bench_alignment(args: argparse.Namespace, _: list[str]) -> int:
     return 0 if res else 1
 
 
+def _bench_evaluate(args: argparse.Namespace, _: list[str]) -> int:
+    import json
+    from pathlib import Path
+
+    from .bench.experiment import ORACLES, load_rewards
+    from .bench.precise import Protocol, evaluate_lora, evaluation_table
+    from .toyworld.bases import find_base
+
+    model = Path(args.model) if args.model else find_base() / "sd"
+    names = [*ORACLES, "toy_aesthetic"] + (["toy_clip"] if args.clip else [])
+    proto = Protocol(prompts=args.eval_prompts, seeds=args.eval_seeds, steps=args.sample_steps, guidance=args.guidance)
+    res = evaluate_lora(str(model), args.lora, proto, load_rewards(names, args.clip))
+    table = evaluation_table(res)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "evaluation.json").write_text(json.dumps(res, indent=2))
+        (out / "evaluation.md").write_text(table)
+    print(table)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffalign", description="Align text-to-image diffusion and flow models.")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -433,6 +455,16 @@ def _add_bench_parsers(sub: Any) -> None:
     a.add_argument("--eval-prompts", type=int, default=256, help="held-out prompts (default 256 x 4 seeds = 1024 samples)")
     a.add_argument("--eval-seeds", type=int, default=4, help="samples per held-out prompt (same noise for every model)")
     a.set_defaults(func=_bench_alignment)
+    e = bsub.add_parser("evaluate", help="a toy-world model (and LoRA) on held-out samples, gains with intervals")
+    e.add_argument("--model", default=None, help="pipeline folder (default: the toy SD base)")
+    e.add_argument("--lora", default=None, help="LoRA folder: report its gain over the model, paired sample by sample")
+    e.add_argument("--out", default=None, help="folder for evaluation.json / evaluation.md")
+    e.add_argument("--clip", default=None, help="toy CLIP folder: also score toy_clip")
+    e.add_argument("--eval-prompts", type=int, default=256, help="held-out prompts (default 256 x 4 seeds = 1024)")
+    e.add_argument("--eval-seeds", type=int, default=4)
+    e.add_argument("--sample-steps", type=int, default=20)
+    e.add_argument("--guidance", type=float, default=5.0)
+    e.set_defaults(func=_bench_evaluate)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -212,3 +212,36 @@ def reach_interval(steps: Sequence[int], curve: torch.Tensor, reference_final: t
     else:
         q = [float("nan"), float("nan")]
     return {"steps": point, "low": q[0], "high": q[1], "never_fraction": never / n_boot, "level": level}
+
+
+# ------------------------------------------------------------------------------------------ a model vs its base
+
+
+def evaluate_lora(model_dir: str, lora: str | None, protocol: Protocol, rewards: dict[str, Any],
+                  n_boot: int = 2000, progress: bool = True) -> dict[str, Any]:
+    """``diffalign bench evaluate``: the base model and, with ``lora``, the tuned model on the same samples;
+    means of each and the paired bootstrap interval of each gain."""
+    from ..backbones import load_backbone
+    from ..backbones.lora import load_lora
+
+    bb = load_backbone(model_dir)
+    base = sample_scores(bb, protocol, rewards, progress=progress, desc="base")
+    out: dict[str, Any] = {"model": str(model_dir), "lora": lora, "protocol": protocol.as_dict(), "base": means(base)}
+    if lora:
+        load_lora(bb, lora)
+        tuned = sample_scores(bb, protocol, rewards, progress=progress, desc="tuned")
+        out["tuned"] = means(tuned)
+        out["gains"] = gains(base, [tuned], n_boot=n_boot)
+    return out
+
+
+def evaluation_table(res: dict[str, Any]) -> str:
+    metrics = list(res["base"])
+    p = res["protocol"]
+    lines = [f"{p['prompts']} held-out prompts x {p['seeds']} seeds = {p['samples']} samples, same noise for both; "
+             "gain: mean [95% paired bootstrap interval]", "", "| | " + " | ".join(metrics) + " |",
+             "|---" * (len(metrics) + 1) + "|", "| base | " + " | ".join(f"{res['base'][m]:.3f}" for m in metrics) + " |"]
+    if "tuned" in res:
+        lines.append("| tuned | " + " | ".join(f"{res['tuned'][m]:.3f}" for m in metrics) + " |")
+        lines.append("| gain | " + " | ".join(fmt_gain(res["gains"][m]) for m in metrics) + " |")
+    return "\n".join(lines) + "\n"

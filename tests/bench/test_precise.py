@@ -111,3 +111,25 @@ def test_alignment_bench_reports_paired_intervals(tmp_path):
     assert [p["step"] for p in res["objectives"]["dpo"]["runs"][0]["curve"]] == [0, 1, 2]
     assert "2 prompts x 2 samples per point" in (tmp_path / "bench" / "results.md").read_text()
     assert json.loads((tmp_path / "bench" / "results.json").read_text())["settings"]["eval_samples"] == 6
+
+
+def test_bench_evaluate_cli_zero_lora_has_zero_gain(tmp_path, capsys):
+    """``diffalign bench evaluate --lora``: a LoRA with B = 0 equals the base, so every gain and its
+    interval are exactly 0 (same samples, same noise)."""
+    import json
+
+    from diffalign.backbones.lora import add_lora, save_lora
+    from diffalign.backbones.tiny import save_tiny
+    from diffalign.cli import main
+
+    model = save_tiny("sd15", tmp_path / "m")
+    b = load_backbone(model)
+    add_lora(b, rank=2)
+    save_lora(b, tmp_path / "lora")  # peft initialises B to zero
+    assert main(["bench", "evaluate", "--model", str(model), "--lora", str(tmp_path / "lora"), "--out",
+                 str(tmp_path / "ev"), "--eval-prompts", "2", "--eval-seeds", "2", "--sample-steps", "2"]) == 0
+    res = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
+    assert res["protocol"]["samples"] == 4
+    for g in res["gains"].values():
+        assert abs(g["mean"]) < 1e-6 and abs(g["low"]) < 1e-6 and abs(g["high"]) < 1e-6
+    assert "| gain |" in capsys.readouterr().out
