@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--prompts", type=int, default=256)
     ap.add_argument("--seeds", type=int, default=4)
+    ap.add_argument("--no-more-samples", action="store_true",
+                    help="score what NAME.partial.pt holds (a stopped run) instead of sampling the rest")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     from diffalign.backbones import load_backbone
@@ -41,12 +43,13 @@ def main(argv: list[str] | None = None) -> None:
     for spec in args.models:
         name, folder = spec.split("=", 1)
         path = out / f"{name}.pt"
-        if not path.exists():  # batch by batch into NAME.partial.pt, so a stopped run keeps its samples
+        if not path.exists() or args.no_more_samples and (out / f"{name}.partial.pt").exists():
+            # batch by batch into NAME.partial.pt, so a stopped run keeps its samples
             part = out / f"{name}.partial.pt"
             done = torch.load(part, weights_only=True) if part.exists() else {"images": torch.empty(0)}
             bb = load_backbone(folder)
             caps = proto.captions()
-            for i in range(len(done["images"]), proto.n, proto.batch_size):
+            for i in range(len(done["images"]), 0 if args.no_more_samples else proto.n, proto.batch_size):
                 imgs = precise.sample_images(bb, proto, start=i, stop=i + proto.batch_size)
                 done = {"images": torch.cat([done["images"], imgs])}
                 torch.save(done, part)
