@@ -27,9 +27,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..backbones.base import Backbone
+from ..toyworld.pairs import TOY_GUIDANCE
 from .stats import paired_bootstrap
-
-TOY_GUIDANCE = 5.0
 
 
 @dataclass(frozen=True)
