@@ -1,0 +1,135 @@
+"""Issue #17: bad input that used to pass silently, or fail with a message naming nothing, and the
+data-loss cases outside the run folder (tiny-pairs overwrite, checkpoint writes on a full disk)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from diffalign.cli import main as cli_main
+from diffalign.data.experts import ExpertImages
+from diffalign.data.pairs import PairDataError, PreferencePairs
+
+
+def _pairs(tmp_path: Path, rows: list[dict]) -> Path:
+    for name, color in (("a.png", (200, 30, 30)), ("b.png", (30, 30, 200)), ("c.png", (30, 200, 30))):
+        Image.new("RGB", (16, 16), color).save(tmp_path / name)
+    p = tmp_path / "pairs.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return p
+
+
+ROW = {"caption": "a red square", "jpg_0": "a.png", "jpg_1": "b.png", "label_0": 1}
+
+
+# --- pair data ---------------------------------------------------------------------------------------
+def test_pair_of_the_same_image_file_is_a_bad_row(tmp_path, caplog):
+    p = _pairs(tmp_path, [ROW, dict(ROW, jpg_1="./a.png", caption="other")])
+    with pytest.raises(PairDataError) as e:
+        PreferencePairs(p, resolution=16)
+    assert f"{p}: row 1 (line 2): jpg_0 and jpg_1 are the same file" in str(e.value)
+    with caplog.at_level("WARNING"):
+        ds = PreferencePairs(p, resolution=16, on_bad_row="skip")
+    assert len(ds) == 1 and ds.skip_counts == {"same image": 1}
+
+
+def test_duplicate_rows_are_kept_counted_and_warned(tmp_path, caplog):
+    rows = [ROW, dict(ROW, jpg_0="c.png"), dict(ROW, jpg_0="b.png", jpg_1="a.png", label_0=0), ROW]
+    p = _pairs(tmp_path, rows)
+    with caplog.at_level(logging.WARNING, logger="diffalign.data.pairs"):
+        ds = PreferencePairs(p, resolution=16)
+    assert len(ds) == 4 and ds.warn_counts == {"duplicate row": 2} and not ds.skip_counts
+    assert "2 duplicate row(s) (kept)" in caplog.text and f"{p}: row 2 (line 3) repeats {p}: row 0 (line 1)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="diffalign.data.pairs"):
+        PreferencePairs(_pairs(tmp_path, rows[:2]), resolution=16)
+    assert "duplicate" not in caplog.text  # the same images under another caption are no repeat
+
+
+def test_non_utf8_line_names_file_row_line_and_offset(tmp_path):
+    p = _pairs(tmp_path, [ROW, ROW])
+    good = p.read_bytes()
+    p.write_bytes(good + b'{"caption": "caf\xe9", "jpg_0": "a.png", "jpg_1": "c.png", "label_0": 1}\n')
+    with pytest.raises(PairDataError) as e:
+        PreferencePairs(p, resolution=16)
+    msg = str(e.value)
+    assert f"{p}: row 2 (line 3): not UTF-8 text: byte 0xe9 at byte offset {len(good) + 16}" in msg
+    ds = PreferencePairs(p, resolution=16, on_bad_row="skip")
+    assert len(ds) == 2 and ds.skip_counts == {"not UTF-8": 1}
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + good)  # a byte-order mark is UTF-8: accepted
+    assert len(PreferencePairs(bom, resolution=16)) == 2
+
+
+def test_non_utf8_expert_captions_name_the_file(tmp_path):
+    Image.new("RGB", (16, 16)).save(tmp_path / "x.png")
+    (tmp_path / "x.txt").write_bytes(b"a red \xff square")
+    with pytest.raises(PairDataError, match=rf"{tmp_path / 'x.txt'}: line 1: not UTF-8 text \(byte 0xff"):
+        ExpertImages(tmp_path, 16)
+
+
+def test_pairs_file_through_train_names_the_row(tmp_path, capsys):
+    from tests.reliability.conftest import write_config
+
+    cfg = write_config(tmp_path)
+    data = tmp_path / "pairs.jsonl"
+    data.write_bytes(data.read_bytes() + b'{"caption": "\xff"}\n')
+    assert cli_main(["train", str(cfg)]) == 2
+    assert f"diffalign train: error: {data}: row 8 (line 9): not UTF-8 text" in capsys.readouterr().err
+
+
+# --- data loss: tiny-pairs, checkpoint writes ---------------------------------------------------------
+def test_tiny_pairs_refuses_to_overwrite(tmp_path):
+    from diffalign.data.synthetic import write_rendered_pairs
+
+    path = write_rendered_pairs(tmp_path / "p", n=3)
+    before = path.read_bytes()
+    with pytest.raises(FileExistsError, match=rf"{path}: already exists; pass --overwrite"):
+        write_rendered_pairs(tmp_path / "p", n=2, seed=1)
+    assert path.read_bytes() == before and len(list((tmp_path / "p" / "images").glob("*.png"))) == 6
+    write_rendered_pairs(tmp_path / "p", n=2, seed=1, overwrite=True)
+    assert path.read_bytes() != before and len(list((tmp_path / "p" / "images").glob("*.png"))) == 4
+
+
+def _ckpt_writer(exc: BaseException):
+    def write(tmp: Path) -> None:
+        (tmp / "half.bin").write_bytes(b"x" * 10)
+        raise exc
+    return write
+
+
+@pytest.mark.parametrize("exc,text", [
+    (OSError(errno.ENOSPC, "No space left on device"), "no space left on device"),
+    (RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0"), "no space left on device"),
+    (PermissionError(errno.EACCES, "Permission denied"), "the folder is read-only or not writable"),
+    (OSError(errno.EROFS, "Read-only file system"), "the folder is read-only or not writable"),
+], ids=["ENOSPC", "torch-full-disk", "EACCES", "EROFS"])
+def test_failed_checkpoint_write_names_the_path_and_keeps_earlier_ones(exc, text, tmp_path, monkeypatch):
+    import shutil
+
+    from diffalign.training import checkpoints as ckpt
+
+    good = ckpt.save_checkpoint(tmp_path, 1, lambda tmp: (tmp / "w.bin").write_bytes(b"ok"))
+    if "unexpected pos" in str(exc):  # torch's message carries no errno: the free space decides
+        usage = shutil.disk_usage(tmp_path)
+        monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: usage._replace(free=1 << 20))
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.save_checkpoint(tmp_path, 2, _ckpt_writer(exc))
+    msg = str(e.value)
+    assert msg.startswith(f"cannot write checkpoint {tmp_path / 'checkpoints' / '.tmp_step_00000002'}: {text}")
+    assert "\n" not in msg
+    assert ckpt.list_checkpoints(tmp_path) == [good] and ckpt.verify_checkpoint(good)["step"] == 1
+    assert not (tmp_path / "checkpoints" / ".tmp_step_00000002").exists()  # the partial write is removed
+
+
+def test_other_write_errors_keep_their_cause(tmp_path, monkeypatch):
+    from diffalign.training import checkpoints as ckpt
+
+    monkeypatch.setattr(ckpt, "LOW_SPACE", 0)
+    with pytest.raises(ckpt.CheckpointError, match=r"\.tmp_step_00000003: OSError: \[Errno 5\] Input/output error"):
+        ckpt.save_checkpoint(tmp_path, 3, _ckpt_writer(OSError(errno.EIO, "Input/output error")))
