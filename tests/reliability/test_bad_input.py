@@ -133,3 +133,65 @@ def test_other_write_errors_keep_their_cause(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt, "LOW_SPACE", 0)
     with pytest.raises(ckpt.CheckpointError, match=r"\.tmp_step_00000003: OSError: \[Errno 5\] Input/output error"):
         ckpt.save_checkpoint(tmp_path, 3, _ckpt_writer(OSError(errno.EIO, "Input/output error")))
+
+
+# --- model folders: one line naming the file; no empty library warnings or loading bars -----------------
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    from diffalign.backbones.tiny import save_tiny
+
+    return save_tiny("sd15", tmp_path_factory.mktemp("m") / "sd15")
+
+
+def _broken_copy(src: Path, dst: Path, how: str) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    if how == "no unet weights":
+        (dst / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    elif how == "broken model_index":
+        (dst / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline",\n')
+    elif how == "truncated vae":
+        f = dst / "vae" / "diffusion_pytorch_model.safetensors"
+        f.write_bytes(f.read_bytes()[:1000])
+    elif how == "broken unet config":
+        (dst / "unet" / "config.json").write_text("{")
+    return dst
+
+
+MODEL_CASES = [
+    ("no unet weights", "sd15b/unet: no weights file for UNet2DConditionModel"),
+    ("broken model_index", "sd15b/model_index.json: not valid JSON"),
+    ("truncated vae", "Unable to load weights from checkpoint file for '{m}/vae/diffusion_pytorch_model.safetensors'"),
+    ("broken unet config", "sd15b/unet/config.json: not valid JSON"),
+]
+
+
+@pytest.mark.parametrize("how,text", MODEL_CASES, ids=[c[0] for c in MODEL_CASES])
+def test_broken_model_folder_is_one_line_naming_the_file(how, text, tiny_sd, tmp_path, capsys):
+    m = _broken_copy(tiny_sd, tmp_path / "sd15b", how)
+    rc = cli_main(["sample", "--model", str(m), "--prompts", "a red circle", "--out", str(tmp_path / "o"),
+                   "--steps", "1", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("diffalign sample: error: ")
+    assert text.format(m=m) in err
+    assert "diffusion_pytorch_model.bin" not in err
+
+
+def test_loading_draws_no_bars_and_no_empty_fp32_warning(tiny_sd, capfd):
+    import torch
+    from diffusers.utils import logging as dlog
+
+    from diffalign.backbones import load_backbone
+
+    capfd.readouterr()
+    bb = load_backbone(tiny_sd)
+    bb.vae.to(torch.float16)
+    bb.vae.to(torch.float32)
+    err = capfd.readouterr().err
+    assert "Loading pipeline components" not in err and "Loading weights" not in err
+    assert "should be kept in float32: []" not in err
+    assert dlog.is_progress_bar_enabled()  # the user's setting is restored after our load
+    record = logging.LogRecord("diffusers.models.modeling_utils", logging.WARNING, "", 0,
+                               "There are modules in X that should be kept in float32: ['a']", None, None)
+    assert logging.getLogger("diffusers.models.modeling_utils").filter(record)  # a real list still warns
