@@ -15,21 +15,23 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     import signal
 
     from .config import load_config
+    from .data.cache import CacheError
     from .training import train
     from .training.checkpoints import CheckpointError
     from .training.launch import LaunchError, cpu_processes_requested
     from .training.loop import NonFiniteError
+    from .training.runfolder import RunFolderError
 
     cfg = load_config(args.config, overrides)
     n = cpu_processes_requested()
     if n:
         return _relaunch_on_cpu(n, args.argv)
     try:
-        result = train(cfg, resume=args.resume)
+        result = train(cfg, resume=args.resume, overwrite=args.overwrite, allow_config_change=args.allow_config_change)
     except NonFiniteError as e:
         print(f"diffalign train: stopped: {e}", file=sys.stderr)
         return 3
-    except (CheckpointError, FileExistsError, LaunchError) as e:
+    except (CheckpointError, FileExistsError, LaunchError, RunFolderError, CacheError) as e:
         print(f"diffalign train: error: {e}", file=sys.stderr)
         return 2
     if not result.get("main_process", True):
@@ -47,6 +49,9 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
         print(f"interrupted by {sig} at step {result['step']}/{cfg.train.steps}; {saved}\n"
               f"  continue with: diffalign {' '.join(again)} --resume latest", file=sys.stderr)
         return 128 + signal.Signals[sig].value
+    if result.get("already_complete"):
+        print(f"already complete: {cfg.train.output_dir} finished at step {result['step']}; nothing was trained "
+              "or rewritten (raise --train.steps to train further)")
     m = result.get("metrics", {})
     print(f"done: step {result['step']}", " ".join(f"{k}={v:.4g}" for k, v in m.items() if isinstance(v, float)))
     for key in ("weights", "checkpoint", "samples"):
@@ -56,6 +61,8 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     if data.get("skipped_rows") or data.get("skipped_at_load"):
         print(f"  data: skipped {data['skipped_rows']} bad row(s) when reading ({data['skipped_by_reason']}) and "
               f"{data['skipped_at_load']} unloadable item(s) while training")
+    if data.get("warnings"):
+        print(f"  data warnings (rows kept): {data['warnings']}")
     if result.get("skipped_steps"):
         print(f"  non-finite steps skipped: {result['skipped_steps']}")
     return 0
@@ -145,7 +152,7 @@ def _cache(args: argparse.Namespace, _: list[str]) -> int:
 def _tiny_pairs(args: argparse.Namespace, _: list[str]) -> int:
     from .data.synthetic import write_rendered_pairs
 
-    print(write_rendered_pairs(args.out, n=args.n, seed=args.seed))
+    print(write_rendered_pairs(args.out, n=args.n, seed=args.seed, overwrite=args.overwrite))
     return 0
 
 
@@ -238,6 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config")
     t.add_argument("--resume", default=None,
                    help="'latest' (error if none), 'auto' (latest if any, else start) or a checkpoint folder")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a train.output_dir holding an earlier run's results (they are deleted)")
+    t.add_argument("--allow-config-change", action="store_true",
+                   help="resume with changed config keys beyond train.steps and the bookkeeping keys "
+                   "(the new config is written beside config.yaml)")
     t.set_defaults(func=_train, allow_overrides=True)
 
     c = add_cache_arguments(sub.add_parser("cache", help="encode a pair data set into a latent + text-embedding cache"))
@@ -289,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("out")
     tp.add_argument("--n", type=int, default=64)
     tp.add_argument("--seed", type=int, default=0)
+    tp.add_argument("--overwrite", action="store_true", help="replace an existing OUT/pairs.jsonl and its images")
     tp.set_defaults(func=_tiny_pairs)
 
     _add_data_parsers(sub)

@@ -151,10 +151,13 @@ def earlier_results(out: str | Path) -> list[Path]:
     return found
 
 
-def check_fresh(out: str | Path, overwrite: bool = False) -> None:
-    """Refuse a fresh run into a folder holding results, or remove them when ``overwrite``."""
+def check_fresh(out: str | Path, overwrite: bool = False, only: tuple[str, ...] = RESULTS) -> None:
+    """Refuse a fresh run into a folder holding results (those named in ``only``), or remove every
+    result of the earlier run when ``overwrite``."""
     out = Path(out)
     found = earlier_results(out)
+    if not any(p.name in only for p in found):
+        found = [] if not overwrite else found
     if not found:
         return
     names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in found)
@@ -168,6 +171,30 @@ def check_fresh(out: str | Path, overwrite: bool = False) -> None:
     for p in out.glob("config*.yaml"):
         p.unlink()
     logger.warning("%s: --overwrite: removed the earlier run's %s", out, names)
+
+
+def prepare(out: str | Path, resume: str | None, overwrite: bool, main: bool) -> None:
+    """Before a run starts: a fresh run (``resume`` None) must not meet an earlier run's results;
+    ``--resume auto`` without a checkpoint starts fresh too, and must not meet a finished run's
+    ``final/`` (a run killed before its first checkpoint restarts). Only the main process acts."""
+    from .checkpoints import list_checkpoints
+
+    if not main:
+        return
+    if resume is None:
+        check_fresh(out, overwrite)
+    elif resume == "auto" and not list_checkpoints(out):
+        check_fresh(out, overwrite, only=("final",))
+    elif overwrite:
+        raise RunFolderError("--overwrite starts a new run: it cannot be combined with --resume")
+
+
+def already_complete(out: str | Path, result: dict[str, Any]) -> dict[str, Any]:
+    """The saved result of a finished run, announced; nothing is trained or written."""
+    logger.warning("%s: this run is already complete (step %s; %s); nothing was trained or rewritten. Raise "
+                   "train.steps to train further, or start a new run in another train.output_dir",
+                   out, result.get("step"), Path(out) / "final" / "result.json")
+    return {**result, "already_complete": True}
 
 
 def completed_result(out: str | Path, steps: int) -> dict[str, Any] | None:
