@@ -105,3 +105,89 @@ def test_config_on_resume_kept_and_changes_stated(tmp_path, caplog):
     assert rf.write_config(_Cfg(beta), tmp_path, resuming=True, allow_config_change=True).name == "config.resume-2.yaml"
     assert (tmp_path / "config.yaml").read_text() == original  # never rewritten
     assert yaml.safe_load((tmp_path / "config.resume-2.yaml").read_text())["objective"]["beta"] == 2500.0
+
+
+# --- through `diffalign train` -------------------------------------------------------------------------
+def _cli(args):
+    from diffalign.cli import main
+
+    return main(args)
+
+
+def test_finished_runs_are_not_rewritten_and_resume_states_config_changes(tmp_path, h, capsys):
+    cfg = h.write_config(tmp_path, steps=4)
+    run = tmp_path / "run"
+    assert _cli(["train", str(cfg)]) == 0
+    result = (run / "final" / "result.json").read_bytes()
+    config = (run / "config.yaml").read_bytes()
+    capsys.readouterr()
+
+    # resuming a finished run: says so, exits 0, rewrites nothing
+    mtime = (run / "final" / "result.json").stat().st_mtime_ns
+    assert _cli(["train", str(cfg), "--resume", "latest"]) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert (run / "final" / "result.json").read_bytes() == result
+    assert (run / "final" / "result.json").stat().st_mtime_ns == mtime
+
+    # a changed objective hyperparameter: refused, key by key; config.yaml kept
+    assert _cli(["train", str(cfg), "--resume", "latest", "--train.steps", "6", "--objective.beta", "2500"]) == 2
+    err = capsys.readouterr().err
+    assert "objective.beta: 5000.0 -> 2500.0" in err and "train.steps: 4 -> 6" in err and "--allow-config-change" in err
+    assert (run / "config.yaml").read_bytes() == config and not (run / "config.resume-1.yaml").exists()
+
+    # more steps: allowed, stated, and the new config written beside the original
+    assert _cli(["train", str(cfg), "--resume", "latest", "--train.steps", "6"]) == 0
+    assert "done: step 6" in capsys.readouterr().out
+    assert (run / "config.yaml").read_bytes() == config
+    assert yaml.safe_load((run / "config.resume-1.yaml").read_text())["train"]["steps"] == 6
+    assert [m["step"] for m in h.metrics(run)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_fresh_run_into_a_finished_folder_without_checkpoints_is_refused(tmp_path, h, capsys):
+    import shutil
+
+    cfg = h.write_config(tmp_path, steps=2, checkpoint_every=0)
+    run = tmp_path / "run"
+    assert _cli(["train", str(cfg)]) == 0
+    shutil.rmtree(run / "checkpoints")
+    before = {p: p.read_bytes() for p in (run / "final" / "result.json", run / "metrics.jsonl")}
+    capsys.readouterr()
+    assert _cli(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert f"{run}: holds an earlier run's results (final/, metrics.jsonl" in err and "--overwrite" in err
+    assert _cli(["train", str(cfg), "--resume", "auto"]) == 0  # the finished run is left as it is
+    assert "already complete" in capsys.readouterr().out
+    assert all(p.read_bytes() == b for p, b in before.items())
+
+
+def test_two_runs_into_one_folder_the_second_is_refused(tmp_path, h, capsys):
+    cfg = h.write_config(tmp_path, steps=400, checkpoint_every=0)
+    first = subprocess.Popen([sys.executable, "-m", "diffalign.cli", "train", str(cfg)], cwd=h.REPO,
+                             env=h.cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        h.wait_for(lambda: (tmp_path / "run" / "metrics.jsonl").exists(), 180, first, "the first run's first step")
+        assert _cli(["train", str(cfg), "--resume", "auto"]) == 2
+        err = capsys.readouterr().err
+        assert f"another diffalign run (PID {first.pid}" in err and "is writing to this folder" in err
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.kill()
+        first.wait()
+    # killed -9: its lock is left behind, and taken over by the next run with a warning
+    assert json.loads((tmp_path / "run" / rf.LOCK).read_text())["pid"] == first.pid
+
+
+def test_disk_full_while_checkpointing_is_one_line_naming_the_path(tmp_path, h, capsys, monkeypatch):
+    import errno
+
+    from diffalign.training import loop
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(loop, "save_extra_state", full)
+    cfg = h.write_config(tmp_path, steps=4, checkpoint_every=2)
+    assert _cli(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("diffalign train: error: cannot write checkpoint ")
+    assert ".tmp_step_00000002: no space left on device" in err[-1]
