@@ -195,3 +195,22 @@ def test_loading_draws_no_bars_and_no_empty_fp32_warning(tiny_sd, capfd):
     record = logging.LogRecord("diffusers.models.modeling_utils", logging.WARNING, "", 0,
                                "There are modules in X that should be kept in float32: ['a']", None, None)
     assert logging.getLogger("diffusers.models.modeling_utils").filter(record)  # a real list still warns
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_damaged_lora_file_is_one_line_naming_it(damage, tiny_sd, tmp_path, capfd):
+    from diffalign.backbones import load_backbone
+    from diffalign.backbones.lora import add_lora, load_lora, save_lora
+
+    bb = load_backbone(tiny_sd)
+    add_lora(bb, rank=2)
+    lora_dir = save_lora(bb, tmp_path / "lora")
+    fresh = load_backbone(tiny_sd)
+    capfd.readouterr()
+    load_lora(fresh, lora_dir)  # intact: loads, without diffusers' "No LoRA keys ... open an issue" warning
+    assert "No LoRA keys" not in capfd.readouterr().err
+    f = Path(lora_dir) / "pytorch_lora_weights.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x00" * 64)
+    with pytest.raises(ValueError, match=rf"{f}: not a readable safetensors file, damaged or truncated"):
+        load_lora(load_backbone(tiny_sd), lora_dir)
