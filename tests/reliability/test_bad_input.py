@@ -214,3 +214,53 @@ def test_damaged_lora_file_is_one_line_naming_it(damage, tiny_sd, tmp_path, capf
     f.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x00" * 64)
     with pytest.raises(ValueError, match=rf"{f}: not a readable safetensors file, damaged or truncated"):
         load_lora(load_backbone(tiny_sd), lora_dir)
+
+
+# --- strict CLI input; sample and score outputs --------------------------------------------------------
+def _sample(tiny_sd, out, *extra):
+    return cli_main(["sample", "--model", str(tiny_sd), "--prompts", "a red circle", "--out", str(out),
+                     "--steps", "1", "--images-per-prompt", "2", "--no-progress", *extra])
+
+
+@pytest.mark.parametrize("argv,text", [
+    (["--rlg-scale", "2"], "--rlg-scale is used only with --guidance rlg"),
+    (["--reward-scale", "0.5", "--reward", "toy_color"], "--reward-scale is used only with --guidance reward"),
+    (["--size", "0"], "--size 0: must be a positive number of pixels"),
+    (["--size", "33"], "size (--size) 33: must be a positive multiple of 4 pixels for this sd model"),
+    (["--prompts", "prompts.txt"], "--prompts prompts.txt: no such file"),
+    (["--prompts", "data/my_prompts"], "--prompts data/my_prompts: no such file"),
+], ids=["rlg-scale", "reward-scale", "size0", "size33", "prompts.txt", "prompts-path"])
+def test_sample_flags_are_checked_naming_the_flag(argv, text, tiny_sd, tmp_path, capsys):
+    assert _sample(tiny_sd, tmp_path / "o", *argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and text in err
+    assert not list((tmp_path / "o").glob("*.png"))
+
+
+def test_sample_into_earlier_images_needs_overwrite_and_score_reads_only_the_samples(tiny_sd, tmp_path, capsys):
+    out = tmp_path / "s"
+    assert _sample(tiny_sd, out) == 0
+    (out / "00009.png").write_bytes((out / "00000.png").read_bytes())  # an image a longer earlier run left
+    capsys.readouterr()
+    assert _sample(tiny_sd, out) == 2
+    assert "--out" in capsys.readouterr().err and (out / "00009.png").exists()
+    assert _sample(tiny_sd, out, "--overwrite") == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["00000.png", "00001.png", "grid.png"]
+
+    # score: the toy rewards by name, only the images settings.json lists (not grid.png)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    capsys.readouterr()
+    score = ["score", "--reward", "toy_color", "--images", str(out), "--prompts", str(prompts), "--no-progress"]
+    assert cli_main([*score, "--out", str(tmp_path)]) == 2  # a folder: refused before scoring
+    assert "is a folder; name the CSV file" in capsys.readouterr().err
+    assert cli_main([*score, "--out", str(tmp_path / "scores.csv")]) == 0
+    rows = (tmp_path / "scores.csv").read_text().splitlines()
+    assert rows[0] == "file,prompt,toy_color" and [r.split(",")[0] for r in rows[1:]] == ["00000.png", "00001.png"]
+
+
+def test_tiny_pairs_cli_refuses_to_overwrite(tmp_path, capsys):
+    assert cli_main(["tiny-pairs", str(tmp_path / "p"), "--n", "2"]) == 0
+    assert cli_main(["tiny-pairs", str(tmp_path / "p"), "--n", "2"]) == 2
+    assert "pairs.jsonl: already exists; pass --overwrite" in capsys.readouterr().err
+    assert cli_main(["tiny-pairs", str(tmp_path / "p"), "--n", "2", "--overwrite"]) == 0
