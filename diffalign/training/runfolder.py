@@ -182,6 +182,8 @@ def prepare(out: str | Path, resume: str | None, overwrite: bool, main: bool) ->
     if not main:
         return
     if resume is None:
+        if list_checkpoints(out) and not overwrite:
+            return  # resume.resolve_resume_mode refuses, naming the newest checkpoint
         check_fresh(out, overwrite)
     elif resume == "auto" and not list_checkpoints(out):
         check_fresh(out, overwrite, only=("final",))
@@ -255,9 +257,11 @@ def write_config(cfg: Any, out: str | Path, resuming: bool, allow_config_change:
         old = yaml.safe_load(first.read_text()) or {}
     except yaml.YAMLError as e:
         raise RunFolderError(f"{first}: unreadable ({e}); it records the run's config, restore it to resume") from e
+    from .resume import MUST_MATCH
+
     diff = config_changes(old, now)
-    if not diff:
-        return None
+    if not diff or any(k in MUST_MATCH for k in diff):
+        return None  # unchanged; or a change the checkpoint cannot take, refused by resume.check_facts
     text = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
     hard = [k for k in diff if k not in RESUME_FREE]
     if hard and not allow_config_change:

@@ -264,3 +264,46 @@ def test_tiny_pairs_cli_refuses_to_overwrite(tmp_path, capsys):
     assert cli_main(["tiny-pairs", str(tmp_path / "p"), "--n", "2"]) == 2
     assert "pairs.jsonl: already exists; pass --overwrite" in capsys.readouterr().err
     assert cli_main(["tiny-pairs", str(tmp_path / "p"), "--n", "2", "--overwrite"]) == 0
+
+
+# --- config values ---------------------------------------------------------------------------------------
+def test_text_keys_keep_the_word_as_typed(tmp_path):
+    from diffalign.config import load_config
+    from tests.reliability.conftest import write_config
+
+    cfg = load_config(write_config(tmp_path), ["--train.mixed_precision", "no", "--objective.loss_type", "hinge",
+                                               "--data.cache_dir", "null", "--train.lr", "1e-4"])
+    assert cfg.train.mixed_precision == "no" and cfg.objective.loss_type == "hinge"
+    assert cfg.data.cache_dir is None and cfg.train.lr == 1e-4
+
+
+@pytest.mark.parametrize("override,text", [
+    (["--data.prompt_dropout", "2"], "data.prompt_dropout: Input should be less than or equal to 1"),
+    (["--data.prompt_dropout", "-0.1"], "data.prompt_dropout: Input should be greater than or equal to 0"),
+    (["--model.lora_rank", "0"], "model.lora_rank: Input should be greater than or equal to 1"),
+], ids=["dropout2", "dropout-neg", "rank0"])
+def test_out_of_range_values_name_the_key(override, text, tmp_path):
+    from diffalign.config import ConfigError, load_config
+    from tests.reliability.conftest import write_config
+
+    with pytest.raises(ConfigError, match=text):
+        load_config(write_config(tmp_path), override)
+
+
+def test_yaml_boolean_word_gets_a_hint(tmp_path):
+    from diffalign.config import ConfigError, load_config
+    from tests.reliability.conftest import write_config
+
+    cfg = write_config(tmp_path)
+    cfg.write_text(cfg.read_text().replace('"progress": false', '"progress": false, "mixed_precision": no'))
+    with pytest.raises(ConfigError, match=r"train.mixed_precision: .*got False\) \(YAML reads no/yes"):
+        load_config(cfg)
+
+
+def test_peft_errors_name_our_key(tmp_path, capsys):
+    from tests.reliability.conftest import write_config
+
+    cfg = write_config(tmp_path)
+    assert cli_main(["train", str(cfg), "--model.lora_targets", "[no_such_layer]"]) == 2
+    err = capsys.readouterr().err
+    assert "diffalign train: error: model.lora_targets: peft refused the LoRA" in err and "no_such_layer" in err
