@@ -69,6 +69,13 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def _config(args: argparse.Namespace, _: list[str]) -> int:
+    from .configdoc import format_keys
+
+    print(format_keys(), end="")
+    return 0
+
+
 def _relaunch_on_cpu(n: int, argv: list[str]) -> int:
     """``accelerate launch --cpu --num_processes N`` starts one process; start the N that were asked
     for with torchrun (each one then sets accelerate up for CPU with gloo) and wait for them."""
@@ -288,6 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resume with changed config keys beyond train.steps and the bookkeeping keys "
                    "(the new config is written beside config.yaml)")
     t.set_defaults(func=_train, allow_overrides=True)
+    t.epilog = "Every config key, with its type, default and meaning: diffalign config"
+
+    k = sub.add_parser("config", help="list every config key with its type, default and description")
+    k.set_defaults(func=_config)
 
     c = add_cache_arguments(sub.add_parser("cache", help="encode a pair data set into a latent + text-embedding cache"))
     c.set_defaults(func=_cache)
