@@ -20,3 +20,11 @@ def test_every_key_is_listed_with_type_default_and_description():
     text = format_keys(rows)
     assert "train.mixed_precision" in text and "no | fp16 | bf16 = 'no'" in text
     assert "objective (name: dpo" in text and "objective.beta" in text
+
+
+def test_config_command_prints_the_keys(capsys):
+    from diffalign.cli import main
+
+    assert main(["config"]) == 0
+    out = capsys.readouterr().out
+    assert "data.prompt_dropout" in out and "float (>= 0, <= 1) = 0.2" in out
