@@ -266,8 +266,9 @@ def write_config(cfg: Any, out: str | Path, resuming: bool, allow_config_change:
     hard = [k for k in diff if k not in RESUME_FREE]
     if hard and not allow_config_change:
         raise RunFolderError(
-            f"{first}: resuming with a changed config ({text}). {', '.join(hard)} change what is trained: resume "
-            "with the run's own config, start a new run in another train.output_dir, or pass --allow-config-change"
+            f"{first}: resuming with a changed config ({text}). Changed keys that alter what is trained: "
+            f"{', '.join(hard)}. Resume with the run's own config, start a new run in another train.output_dir, "
+            "or pass --allow-config-change"
         )
     n = 1
     while (out / f"config.resume-{n}.yaml").exists():
