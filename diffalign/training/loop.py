@@ -81,8 +81,8 @@ def train(cfg: RunConfig, resume: str | None = None, *, overwrite: bool = False,
 
     t = cfg.train
     out = Path(t.output_dir)
-    if resume and (done := runfolder.completed_result(out, t.steps)):
-        return runfolder.already_complete(out, done)
+    if resume and (done := runfolder.finished_run(cfg, out)):
+        return done
     check_launch()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     accelerator = Accelerator(
@@ -293,7 +293,7 @@ def _run(cfg: RunConfig, resume: str | None, accelerator: Any, stop: StopSignals
             logger.warning("%s: stopped at step %d; %s", stop_signal, step,
                            f"checkpoint {final}" if final else "no step taken, nothing to save")
     else:
-        with ckpt.writing(out / "final", "the final weights to"):
+        with ckpt.writing(out / "final", "the final results to"):
             weights = export_weights(out / "final")
             if main:
                 result["weights"] = str(weights)

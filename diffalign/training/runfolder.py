@@ -191,6 +191,25 @@ def prepare(out: str | Path, resume: str | None, overwrite: bool, main: bool) ->
         raise RunFolderError("--overwrite starts a new run: it cannot be combined with --resume")
 
 
+def finished_run(cfg: Any, out: str | Path) -> dict[str, Any] | None:
+    """The saved result when ``out`` holds a run finished at ``cfg.train.steps`` or later (announced;
+    nothing is trained or written), else None. A finished run asked for with a config that changes
+    what is trained is a :class:`RunFolderError` naming the keys, not its old result."""
+    result = completed_result(out, cfg.train.steps)
+    if result is None:
+        return None
+    first = Path(out) / CONFIG
+    if first.is_file():
+        with contextlib.suppress(yaml.YAMLError):
+            diff = config_changes(yaml.safe_load(first.read_text()) or {}, _as_dict(cfg))
+            hard = {k: v for k, v in diff.items() if k not in RESUME_FREE}
+            if hard:
+                text = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in hard.items())
+                raise RunFolderError(f"{out}: holds a finished run trained with another config ({text}); start "
+                                     "the new one in another train.output_dir (or pass --overwrite without --resume)")
+    return already_complete(out, result)
+
+
 def already_complete(out: str | Path, result: dict[str, Any]) -> dict[str, Any]:
     """The saved result of a finished run, announced; nothing is trained or written."""
     logger.warning("%s: this run is already complete (step %s; %s); nothing was trained or rewritten. Raise "

@@ -129,6 +129,10 @@ def test_finished_runs_are_not_rewritten_and_resume_states_config_changes(tmp_pa
     assert (run / "final" / "result.json").read_bytes() == result
     assert (run / "final" / "result.json").stat().st_mtime_ns == mtime
 
+    # a finished run asked for with another objective: its old result is not handed back
+    assert _cli(["train", str(cfg), "--resume", "auto", "--objective.beta", "2500"]) == 2
+    assert "finished run trained with another config (objective.beta: 5000.0 -> 2500.0)" in capsys.readouterr().err
+
     # a changed objective hyperparameter: refused, key by key; config.yaml kept
     assert _cli(["train", str(cfg), "--resume", "latest", "--train.steps", "6", "--objective.beta", "2500"]) == 2
     err = capsys.readouterr().err
