@@ -171,7 +171,11 @@ def _read_prompts(spec: str) -> list[str]:
 
     p = Path(spec)
     if p.is_file():
-        lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--prompts {p}: not UTF-8 text (byte offset {e.start}); save it as UTF-8") from None
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         if not lines:
             raise ValueError(f"{p}: no prompts (one per line)")
         return lines
