@@ -131,7 +131,10 @@ def read_prompts(path: str, n_images: int) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise ScoreCLIError(f"--prompts: {path!r} is not a file")
-    lines = p.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ScoreCLIError(f"--prompts: {path!r} is not UTF-8 text (byte offset {e.start})") from None
     while lines and not lines[-1].strip():
         lines.pop()
     if not lines:
