@@ -115,11 +115,19 @@ class _RewardFeedback:
 
     def _reward_loss(self, x0: torch.Tensor, prompts: list[str], backbone: Backbone, kl: torch.Tensor,
                      extra: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        r = self.reward(backbone.decode_latents(x0), prompts).float()
+        r, members = self._score(backbone.decode_latents(x0), prompts)
         loss = -self.reward_scale * r.mean() + self.beta_kl * kl
         metrics = {"loss": loss.detach(), "reward": r.detach().mean(), "reward_std": r.detach().std(unbiased=False),
                    "kl": kl.detach(), **{k: v.detach() for k, v in extra.items()}}
+        metrics.update({f"reward/{n}": v.detach().mean() for n, v in members.items()})
         return loss, metrics
+
+    def _score(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The reward ``[B]``; for an ensemble (``member_scores`` + ``combine``) also each member's scores."""
+        if hasattr(self.reward, "member_scores") and hasattr(self.reward, "combine"):
+            members = self.reward.member_scores(images, prompts)
+            return self.reward.combine(members).float(), members
+        return self.reward(images, prompts).float(), {}
 
 
 @dataclass

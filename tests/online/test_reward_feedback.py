@@ -118,3 +118,15 @@ def test_setup_and_options_errors():
     with pytest.raises(ValueError, match="truncation"):
         AlignProp(truncation="normal")
     assert ReFL.data_kind == "prompts" and ReFL.needs_reward
+
+
+def test_ensemble_members_are_logged():
+    from rewards.ensemble import Ensemble
+
+    bb = tiny("sd15", lora=True)
+    obj = build("draft")
+    obj.setup(bb, reward=Ensemble({"bright": Brightness(), "dark": Brightness(-1.0)}, {"bright": 1.0, "dark": 0.5}))
+    torch.manual_seed(0)
+    _, m = obj.loss(batch_for(bb), bb)
+    torch.testing.assert_close(m["reward"], m["reward/bright"] + 0.5 * m["reward/dark"])
+    torch.testing.assert_close(m["reward/dark"], -m["reward/bright"])
