@@ -120,6 +120,7 @@ def main() -> None:
     p.add_argument("--eval-prompts", type=int, default=512)
     p.add_argument("--eval-seeds", type=int, default=2)
     p.add_argument("--out", required=True)
+    p.add_argument("--base-cache", default=None, help="folder for the base model's scores (shared by runs)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -134,7 +135,8 @@ def main() -> None:
         rs.setdefault(args.reward, reward)
     eval_prompts = toy_prompts("heldout", n=args.eval_prompts, seed=0)
 
-    base_path = out / f"base_scores_{args.family}_{args.eval_prompts}x{args.eval_seeds}_g{args.guidance}.pt"
+    base_path = Path(args.base_cache or out) / f"base_scores_{args.family}_{args.eval_prompts}x{args.eval_seeds}_g{args.guidance}.pt"
+    base_path.parent.mkdir(parents=True, exist_ok=True)
     if base_path.is_file():
         base = torch.load(base_path, weights_only=True)
     else:

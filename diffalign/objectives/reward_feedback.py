@@ -33,9 +33,10 @@ field comments and in configs/*_{refl,draft,alignprop}.yaml.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
+from pydantic import Field
 
 from ..backbones.base import Backbone, Cond, per_sample_mse
 from ..sampling.chains import Chain, cfg_inputs, chain_timesteps, ddim_chain, draw_truncation, refl_x0, renoised_x0
@@ -49,10 +50,10 @@ class _RewardFeedback:
     data_kind: ClassVar[str] = "prompts"
     needs_reward: ClassVar[bool] = True
 
-    steps: int = 20             # sampling steps of the chain (ReFL 40 DDPM; DRaFT, AlignProp 50 DDIM)
-    guidance_scale: float = 5.0  # CFG in the chain (ReFL 1 = none; DRaFT 7.5; AlignProp 5)
-    reward_scale: float = 1.0    # loss = -reward_scale * r (ReFL 1e-3, AlignProp 0.01, DRaFT 1)
-    beta_kl: float = 0.0         # KL to the reference along the grad steps (DRaFT+ 1.0; 0 = off)
+    steps: Annotated[int, Field(ge=1)] = 20  # sampling steps of the chain (ReFL 40 DDPM; DRaFT, AlignProp 50 DDIM)
+    guidance_scale: Annotated[float, Field(ge=0)] = 5.0  # CFG in the chain (ReFL 1 = none; DRaFT 7.5; AlignProp 5)
+    reward_scale: Annotated[float, Field(gt=0)] = 1.0  # loss = -reward_scale * r (ReFL 1e-3, AlignProp 0.01, DRaFT 1)
+    beta_kl: Annotated[float, Field(ge=0)] = 0.0  # KL to the reference along the grad steps (DRaFT+ 1.0; 0 = off)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -135,11 +136,11 @@ class ReFL(_RewardFeedback):
     """ReFL: one grad step at a random late step, its one-step x0 (see the module docstring)."""
 
     name: ClassVar[str] = "refl"
-    guidance_scale: float = 5.0  # official: 1 (no CFG)
-    k_lo: int = 15               # first step index that may carry gradient (official 30 of 40 steps)
-    k_hi: int = 19               # last one, inclusive (official 39 of 40)
+    guidance_scale: Annotated[float, Field(ge=0)] = 5.0  # official: 1 (no CFG)
+    k_lo: Annotated[int, Field(ge=0)] = 15               # first step index that may carry gradient (official 30 of 40 steps)
+    k_hi: Annotated[int, Field(ge=0)] = 19               # last one, inclusive (official 39 of 40)
     checkpoint: bool = False     # gradient checkpointing of the grad step (official: UNet checkpointing on)
-    pretrain_weight: float = 0.0  # ReFL_SDXL's pretraining denoising loss on batch["latents"] (0 = off)
+    pretrain_weight: Annotated[float, Field(ge=0)] = 0.0  # ReFL_SDXL's pretraining denoising loss on batch["latents"] (0 = off)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -177,9 +178,9 @@ class DRaFT(_RewardFeedback):
     """DRaFT-K (``lv_copies = 0``) or DRaFT-LV (``lv_copies = n >= 1``; K is then 1 by construction)."""
 
     name: ClassVar[str] = "draft"
-    guidance_scale: float = 5.0  # official (paper): 7.5
-    k: int = 1                   # grad steps at the end of the chain (official K = 1)
-    lv_copies: int = 0           # DRaFT-LV: re-noised copies of the last step (official n = 2); 0 = DRaFT-K
+    guidance_scale: Annotated[float, Field(ge=0)] = 5.0  # official (paper): 7.5
+    k: Annotated[int, Field(ge=1)] = 1                   # grad steps at the end of the chain (official K = 1)
+    lv_copies: Annotated[int, Field(ge=0)] = 0           # DRaFT-LV: re-noised copies of the last step (official n = 2); 0 = DRaFT-K
     checkpoint: bool = False     # gradient checkpointing of every grad step
 
     def __post_init__(self) -> None:
@@ -208,11 +209,11 @@ class AlignProp(_RewardFeedback):
     """AlignProp: DRaFT-K with K drawn at random each step and every grad step checkpointed."""
 
     name: ClassVar[str] = "alignprop"
-    guidance_scale: float = 5.0      # official 5.0
-    reward_scale: float = 1.0        # official 0.01 (on |aes - 10|)
-    truncation: str = "gaussian"     # "gaussian" (official), "uniform", "fixed" (K = k_mean; official "fixed 49" = K1)
-    k_mean: float = 4.0              # mean K (official: 50 - 42 = 8 of 50 steps)
-    k_std: float = 2.0               # official 5 (in steps)
+    guidance_scale: Annotated[float, Field(ge=0)] = 5.0  # official 5.0
+    reward_scale: Annotated[float, Field(gt=0)] = 1.0  # official 0.01 (on |aes - 10|)
+    truncation: Literal["gaussian", "uniform", "fixed"] = "gaussian"  # "gaussian" (official), "uniform", "fixed" (K = k_mean; official "fixed 49" = K1)
+    k_mean: Annotated[float, Field(gt=0)] = 4.0              # mean K (official: 50 - 42 = 8 of 50 steps)
+    k_std: Annotated[float, Field(ge=0)] = 2.0               # official 5 (in steps)
     checkpoint: bool = True          # official: torch.utils.checkpoint on every step
 
     def __post_init__(self) -> None:
