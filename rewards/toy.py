@@ -153,7 +153,7 @@ class ToySoftShapeReward(Reward):
     differentiable = True
 
     def score(self, images: torch.Tensor, prompts: list[str], context: dict[str, Any] | None = None) -> torch.Tensor:
-        from diffalign.toyworld.soft_shape import soft_shape_score
+        from diffalign.toyworld.oracles import soft_shape_score
 
         try:
             return soft_shape_score(images, prompts)

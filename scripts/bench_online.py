@@ -25,11 +25,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+import rewards
 from diffalign.backbones import load_backbone
 from diffalign.backbones.lora import add_lora, save_lora
+from diffalign.bench.experiment import load_rewards, score_all
+from diffalign.bench.stats import paired_bootstrap
 from diffalign.objectives.reward_feedback import AlignProp, DRaFT, ReFL
-from diffalign.toyworld.cli import find_base, parse_reward
-from diffalign.toyworld.experiment import TOY_GUIDANCE, load_rewards, sample_images, score_all
+from diffalign.toyworld.bases import find_base
+from diffalign.toyworld.pairs import TOY_GUIDANCE, sample_images
 from diffalign.toyworld.shapes import prompts as toy_prompts
 
 EVAL_NAMES = ["toy_shape", "toy_color", "toy_position", "toy_oracle", "toy_aesthetic"]
@@ -49,14 +52,6 @@ def build_objective(args: argparse.Namespace):
     if args.method == "alignprop":
         return AlignProp(**common, k_mean=args.k_mean, k_std=args.k_std)
     raise SystemExit(f"--method: unknown {args.method!r} (refl, draft, draft_lv, alignprop)")
-
-
-def paired_bootstrap(diff: torch.Tensor, n: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of mean(diff) over resampled samples (diff = tuned - base, per sample)."""
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, len(diff), (n, len(diff)), generator=g)
-    means = diff[idx].mean(1).sort().values
-    return float(means[int(0.025 * n)]), float(means[int(0.975 * n) - 1])
 
 
 def evaluate(bb, eval_prompts: list[str], rs: dict, args: argparse.Namespace) -> dict[str, torch.Tensor]:
@@ -128,7 +123,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model_dir = find_base(args.base) / args.family
-    reward = parse_reward(args.reward, clip_path=args.clip)
+    reward = rewards.from_spec(args.reward, paths={"toy_clip": args.clip})
     names = EVAL_NAMES + (["toy_clip"] if args.clip else [])
     rs = load_rewards(names, args.clip)
     if "," not in args.reward:  # the training reward, scored beside the oracles
@@ -155,9 +150,8 @@ def main() -> None:
                "train_reward_first10": sum(r["reward"] for r in log[:10]) / min(10, len(log)),
                "train_reward_last10": sum(r["reward"] for r in log[-10:]) / min(10, len(log)), "metrics": {}}
         for k in base:
-            d = tuned[k] - base[k]
-            lo, hi = paired_bootstrap(d, seed=seed)
-            run["metrics"][k] = {"after": float(tuned[k].mean()), "gain": float(d.mean()), "ci95": [lo, hi]}
+            ci = paired_bootstrap(base[k], tuned[k], seed=seed)
+            run["metrics"][k] = {"after": float(tuned[k].mean()), "gain": ci.mean, "ci95": [ci.low, ci.high]}
         results["runs"].append(run)
         shape = run["metrics"]["toy_shape"]
         print(f"seed {seed}: shape {results['base']['toy_shape']:.3f} -> {shape['after']:.3f} "

@@ -33,7 +33,7 @@ field comments and in configs/*_{refl,draft,alignprop}.yaml.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field
@@ -41,27 +41,22 @@ from pydantic import Field
 from ..backbones.base import Backbone, Cond, per_sample_mse
 from ..sampling.chains import Chain, cfg_inputs, chain_timesteps, ddim_chain, draw_truncation, refl_x0, renoised_x0
 from ..sampling.solvers import guided_output
+from .base import Objective, register
 
 
 @dataclass
-class _RewardFeedback:
+class _RewardFeedback(Objective):
     """What every reward-feedback method shares: the chain's grid and CFG, the reward scale, the KL."""
 
-    data_kind: ClassVar[str] = "prompts"
-    needs_reward: ClassVar[bool] = True
+    data_kind = "prompts"
+    needs_reward = True
 
     steps: Annotated[int, Field(ge=1)] = 20  # sampling steps of the chain (ReFL 40 DDPM; DRaFT, AlignProp 50 DDIM)
     guidance_scale: Annotated[float, Field(ge=0)] = 5.0  # CFG in the chain (ReFL 1 = none; DRaFT 7.5; AlignProp 5)
     reward_scale: Annotated[float, Field(gt=0)] = 1.0  # loss = -reward_scale * r (ReFL 1e-3, AlignProp 0.01, DRaFT 1)
     beta_kl: Annotated[float, Field(ge=0)] = 0.0  # KL to the reference along the grad steps (DRaFT+ 1.0; 0 = off)
 
-    def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.beta_kl < 0 or self.reward_scale <= 0:
-            raise ValueError(f"beta_kl must be >= 0 and reward_scale > 0, got {self.beta_kl}, {self.reward_scale}")
-
-    # --- the objective protocol ------------------------------------------------------------------
+    # --- the objective protocol (the other hooks keep Objective's defaults) -------------------------
     def setup(self, backbone: Backbone, reward: Any = None) -> None:
         if reward is None:
             raise ValueError(f"{type(self).__name__} needs a reward: set the config's reward.train")
@@ -72,18 +67,6 @@ class _RewardFeedback:
             )
         self.reward = reward
         self._uncond: Cond | None = None
-
-    def on_update(self, backbone: Backbone) -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-    def trainable_extra(self) -> list:
-        return []
 
     # --- shared pieces ---------------------------------------------------------------------------
     def _start(self, batch: dict, backbone: Backbone) -> tuple[Cond, Cond | None, torch.Tensor, torch.Tensor]:
@@ -131,11 +114,11 @@ class _RewardFeedback:
         return self.reward(images, prompts).float(), {}
 
 
+@register("refl")
 @dataclass
 class ReFL(_RewardFeedback):
     """ReFL: one grad step at a random late step, its one-step x0 (see the module docstring)."""
 
-    name: ClassVar[str] = "refl"
     guidance_scale: Annotated[float, Field(ge=0)] = 5.0  # official: 1 (no CFG)
     k_lo: Annotated[int, Field(ge=0)] = 15               # first step index that may carry gradient (official 30 of 40 steps)
     k_hi: Annotated[int, Field(ge=0)] = 19               # last one, inclusive (official 39 of 40)
@@ -173,11 +156,11 @@ class ReFL(_RewardFeedback):
         return per_sample_mse(pred, backbone.target(x0, eps, t)).mean()
 
 
+@register("draft")
 @dataclass
 class DRaFT(_RewardFeedback):
     """DRaFT-K (``lv_copies = 0``) or DRaFT-LV (``lv_copies = n >= 1``; K is then 1 by construction)."""
 
-    name: ClassVar[str] = "draft"
     guidance_scale: Annotated[float, Field(ge=0)] = 5.0  # official (paper): 7.5
     k: Annotated[int, Field(ge=1)] = 1                   # grad steps at the end of the chain (official K = 1)
     lv_copies: Annotated[int, Field(ge=0)] = 0           # DRaFT-LV: re-noised copies of the last step (official n = 2); 0 = DRaFT-K
@@ -204,11 +187,11 @@ class DRaFT(_RewardFeedback):
         return self._reward_loss(chain.x0, prompts * self.lv_copies, backbone, kl, {"grad_steps": torch.tensor(1.0)})
 
 
+@register("alignprop")
 @dataclass
 class AlignProp(_RewardFeedback):
     """AlignProp: DRaFT-K with K drawn at random each step and every grad step checkpointed."""
 
-    name: ClassVar[str] = "alignprop"
     guidance_scale: Annotated[float, Field(ge=0)] = 5.0  # official 5.0
     reward_scale: Annotated[float, Field(gt=0)] = 1.0  # official 0.01 (on |aes - 10|)
     truncation: Literal["gaussian", "uniform", "fixed"] = "gaussian"  # "gaussian" (official), "uniform", "fixed" (K = k_mean; official "fixed 49" = K1)
@@ -231,5 +214,3 @@ class AlignProp(_RewardFeedback):
         kl = self._kl(chain, backbone, cond, uncond)
         return self._reward_loss(chain.x0, list(batch["prompts"]), backbone, kl, {"grad_steps": torch.tensor(float(k))})
 
-
-REWARD_FEEDBACK = {"refl": ReFL, "draft": DRaFT, "alignprop": AlignProp}

@@ -55,6 +55,10 @@ class GoldMonitor:
             return []
         return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
+    def resume_at(self, step: int) -> None:
+        """Forget evaluations after ``step`` (a run resumed from an earlier checkpoint redoes them)."""
+        self.history = [h for h in self.history if h["step"] <= step]
+
     @torch.no_grad()
     def evaluate(self, backbone: Any, step: int) -> dict[str, float]:
         """Sample the held-out prompts with the current policy and score them; appends to gold.jsonl."""
@@ -110,6 +114,46 @@ class GoldMonitor:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return path
+
+
+def build_gold_monitor(cfg: Any, backbone: Any, train_reward: Any, start_step: int) -> GoldMonitor | None:
+    """The monitor of ``cfg.reward`` (None when ``gold_every`` is 0 or the objective has no reward)."""
+    import rewards
+
+    from ..data.prompts import load_prompts
+
+    r = cfg.reward
+    if not r.gold_every or train_reward is None:
+        return None
+    gold = {}
+    for spec in r.gold:
+        try:
+            gold[spec.split("=")[0].split(":")[0]] = rewards.from_spec(spec).to(backbone.device)
+        except (KeyError, ValueError, FileNotFoundError) as e:
+            raise ValueError(f"reward.gold {spec!r}: {e}") from e
+    mon = GoldMonitor(backbone, load_prompts(r.gold_prompts), train_reward, gold, cfg.train.output_dir,
+                      steps=cfg.train.sample_steps, guidance_scale=cfg.train.sample_guidance,
+                      early_stop_on_gold_drop=r.early_stop_on_gold_drop)
+    mon.resume_at(start_step)
+    return mon
+
+
+def gold_check(monitor: GoldMonitor | None, every: int, step: int, backbone: Any, accelerator: Any) -> str | None:
+    """At every ``every``-th step (and step 0): evaluate on the main process (``monitor`` is None on the
+    others), plot, and agree on all processes whether to stop. Returns the reason to stop, or None."""
+    from .metrics import agreed_max
+
+    if not every or step % every:
+        return None
+    reason = None
+    if monitor is not None and not any(h["step"] == step for h in monitor.history):
+        monitor.evaluate(backbone, step)
+        monitor.plot()
+    if monitor is not None:
+        reason = monitor.should_stop()
+    if agreed_max(accelerator, int(reason is not None)):
+        return reason or "early stop: a gold reward fell (decided on the main process)"
+    return None
 
 
 def _device(reward: Any, images: torch.Tensor) -> torch.device:

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from diffalign.backbones.lora import add_lora
-from diffalign.objectives.reward_feedback import REWARD_FEEDBACK, AlignProp, DRaFT, ReFL
+from diffalign.objectives import OBJECTIVES, build_objective
+from diffalign.objectives.reward_feedback import AlignProp, DRaFT, ReFL
 from tests.online.conftest import FAMILIES, PROMPTS, Brightness, ZeroReward, tiny
 
 SMALL = {  # 3-step chains keep the tests fast
@@ -16,8 +17,7 @@ SMALL = {  # 3-step chains keep the tests fast
 
 
 def build(method, **kw):
-    cls = {"draft_lv": DRaFT}.get(method) or REWARD_FEEDBACK[method]
-    return cls(**{**SMALL[method], **kw})
+    return build_objective("draft" if method == "draft_lv" else method, **{**SMALL[method], **kw})
 
 
 def batch_for(bb):
@@ -117,7 +117,10 @@ def test_setup_and_options_errors():
         DRaFT(steps=3, k=4)
     with pytest.raises(ValueError, match="truncation"):
         AlignProp(truncation="normal")
-    assert ReFL.data_kind == "prompts" and ReFL.needs_reward
+    assert ReFL.data_kind == "prompts" and ReFL.needs_reward and not ReFL(steps=3, k_lo=0, k_hi=1).stateful
+    assert {OBJECTIVES[n] for n in ("refl", "draft", "alignprop")} == {ReFL, DRaFT, AlignProp}
+    with pytest.raises(ValueError, match="objective.beta_kl"):
+        build_objective("draft", beta_kl=-1.0)
 
 
 def test_ensemble_members_are_logged():
