@@ -35,8 +35,7 @@ from torch import nn
 
 from ..backbones.base import Backbone, Cond, _unwrap
 from ..sampling.logprob import rollout
-from .online import (TrajectoryBuffer, gather_objects, gather_rows, group_advantages, rank_world, repeat_group,
-                     row_noise)
+from .online import TrajectoryBuffer, gather_objects, gather_rows, group_advantages, rank_world, repeat_group, row_noise
 
 OLD = "old"
 

@@ -34,8 +34,19 @@ import torch
 
 from ..backbones.base import Backbone, Cond
 from ..sampling.logprob import rollout, transition_logprob
-from .online import (PerPromptStats, TrajectoryBuffer, gather_objects, gather_rows, group_advantages,
-                     rank_world, repeat_group, row_noise, row_perms, row_seed, take)
+from .online import (
+    PerPromptStats,
+    TrajectoryBuffer,
+    gather_objects,
+    gather_rows,
+    group_advantages,
+    rank_world,
+    repeat_group,
+    row_noise,
+    row_perms,
+    row_seed,
+    take,
+)
 
 
 @dataclass

@@ -9,8 +9,16 @@ import pytest
 import torch
 from torch.distributions import Normal
 
-from diffalign.sampling.logprob import (STEPS, cps_step, ddim_eta_step, flow_sde_step, level_grid, ode_step,
-                                         rollout, transition_logprob)
+from diffalign.sampling.logprob import (
+    STEPS,
+    cps_step,
+    ddim_eta_step,
+    flow_sde_step,
+    level_grid,
+    ode_step,
+    rollout,
+    transition_logprob,
+)
 from tests.foundation.conftest import FAMILIES, make_backbone  # noqa: F401  (fixture)
 
 
