@@ -27,14 +27,17 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 import torch
+from pydantic import Field
 from torch import nn
 
-from ..backbones.base import Backbone, Cond, _unwrap
+from ..backbones.base import Backbone, Cond
+from ..backbones.modules import unwrap
 from ..sampling.logprob import rollout
+from .base import Objective, register
 from .online import TrajectoryBuffer, gather_objects, gather_rows, group_advantages, rank_world, repeat_group, row_noise
 
 OLD = "old"
@@ -54,27 +57,27 @@ def adapter(model: nn.Module, name: str) -> Iterator[None]:
             p.requires_grad_(flags[n])
 
 
+@register("nft")
 @dataclass
-class DiffusionNFT:
-    beta: float = 1.0
-    kl_beta: float = 1e-4
-    group_size: int = 4
-    steps: int = 10
-    guidance_scale: float = 1.0
-    timestep_fraction: float = 0.99
-    adv_clip_max: float = 5.0
+class DiffusionNFT(Objective):
+    beta: Annotated[float, Field(gt=0)] = 1.0
+    kl_beta: Annotated[float, Field(ge=0)] = 1e-4
+    group_size: Annotated[int, Field(ge=1)] = 4
+    steps: Annotated[int, Field(ge=1)] = 10
+    guidance_scale: Annotated[float, Field(ge=1)] = 1.0
+    timestep_fraction: Annotated[float, Field(gt=0, le=1)] = 0.99
+    adv_clip_max: Annotated[float, Field(gt=0)] = 5.0
     global_std: bool = True
-    decay_rate: float = 0.001
-    decay_max: float = 0.5
+    decay_rate: Annotated[float, Field(ge=0)] = 0.001
+    decay_max: Annotated[float, Field(ge=0, le=1)] = 0.5
     negative_prompt: str = ""
-    data_kind: str = field(default="prompts", init=False)
-    needs_reward: bool = field(default=True, init=False)
+
+    data_kind = "prompts"
+    needs_reward = True
 
     def __post_init__(self) -> None:
-        if self.beta <= 0:
-            raise ValueError(f"objective.beta must be > 0, got {self.beta}")
-        if self.group_size < 1 or self.steps < 1:
-            raise ValueError("objective.group_size and objective.steps must be >= 1")
+        super().__post_init__()
+        self._pending: dict[str, torch.Tensor] = {}
         self.buffer = TrajectoryBuffer()
         self.rollouts = 0
         self.updates = 0
@@ -85,11 +88,11 @@ class DiffusionNFT:
     # --- the old adapter -----------------------------------------------------------------------------
     @staticmethod
     def _pairs(backbone: Backbone) -> list[tuple[nn.Parameter, nn.Parameter]]:
-        params = dict(_unwrap(backbone.denoiser).named_parameters())
+        params = dict(unwrap(backbone.denoiser).named_parameters())
         return [(p, params[n.replace(".default.", f".{OLD}.")]) for n, p in params.items() if ".default." in n]
 
     def old_state(self, backbone: Backbone) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().clone() for n, p in _unwrap(backbone.denoiser).named_parameters() if f".{OLD}." in n}
+        return {n: p.detach().cpu().clone() for n, p in unwrap(backbone.denoiser).named_parameters() if f".{OLD}." in n}
 
     # --- hooks ---------------------------------------------------------------------------------------
     def setup(self, backbone: Backbone, reward: Any = None) -> None:
@@ -97,7 +100,7 @@ class DiffusionNFT:
 
         if reward is None:
             raise ValueError("objective nft needs a reward (set the config's reward section)")
-        model = _unwrap(backbone.denoiser)
+        model = unwrap(backbone.denoiser)
         if not has_adapter(model):
             raise ValueError("objective nft keeps its old policy as a second LoRA adapter: set model.lora: true")
         self.reward = reward
@@ -124,7 +127,7 @@ class DiffusionNFT:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.buffer.load_state_dict(state["buffer"])
         self.rollouts, self.updates, self.seed = int(state["rollouts"]), int(state["updates"]), int(state["seed"])
-        params = dict(_unwrap(self._backbone.denoiser).named_parameters())
+        params = dict(unwrap(self._backbone.denoiser).named_parameters())
         with torch.no_grad():
             for n, v in state["old"].items():
                 params[n].copy_(v.to(params[n].device, params[n].dtype))
@@ -138,7 +141,11 @@ class DiffusionNFT:
 
     # --- rollout -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def collect(self, batch: dict, backbone: Backbone) -> dict[str, torch.Tensor]:
+    def collect(self, batch: dict, backbone: Backbone) -> None:
+        """When the buffer is empty: move the old adapter toward the current one (after the first
+        rollout), roll out the old policy, score, fill the buffer (the loop calls this before every loss)."""
+        if not self.buffer.empty:
+            return
         metrics: dict[str, torch.Tensor] = {}
         if self.rollouts > 0:
             metrics["old_decay"] = torch.tensor(self.update_old())
@@ -149,7 +156,7 @@ class DiffusionNFT:
         noise = row_noise((self.steps + 1, *backbone.latent_shape(1)[1:]), rows, self.seed, self.rollouts,
                           "noise").transpose(0, 1)
         uncond = self._uncond.repeat(n) if self._uncond is not None else None
-        with adapter(_unwrap(backbone.denoiser), OLD):
+        with adapter(unwrap(backbone.denoiser), OLD):
             traj = rollout(backbone, cond, uncond, noise, steps=self.steps, sampler="ode",
                            guidance_scale=self.guidance_scale)
         x0 = traj["xs"][-1]
@@ -162,11 +169,13 @@ class DiffusionNFT:
                           "order": order}, cond)
         self.rollouts += 1
         metrics.update({"reward_mean": all_rewards.mean(), "reward_std": all_rewards.std(unbiased=False)})
-        return metrics
+        self._pending = metrics
 
     # --- the loss ------------------------------------------------------------------------------------
     def loss(self, batch: dict, backbone: Backbone) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        metrics = self.collect(batch, backbone) if self.buffer.empty else {}
+        if self.buffer.empty:  # called without the loop's collect()
+            self.collect(batch, backbone)
+        metrics, self._pending = self._pending, {}
         call = self.buffer.cursor
         j, rows, cond = self.buffer.next(backbone.device)
         x0 = rows["x0"].float()
@@ -174,7 +183,7 @@ class DiffusionNFT:
         eps = row_noise(tuple(x0.shape[1:]), rows["rows"].cpu(), self.seed, self.rollouts - 1, call, "train")
         xt = backbone.add_noise(x0, eps.to(x0.device), t)
         out = backbone.predict(xt, t, cond)
-        with torch.no_grad(), adapter(_unwrap(backbone.denoiser), OLD):
+        with torch.no_grad(), adapter(unwrap(backbone.denoiser), OLD):
             out_old = backbone.predict(xt, t, cond)
         r = (rows["adv"].clamp(-self.adv_clip_max, self.adv_clip_max) / self.adv_clip_max / 2 + 0.5).clamp(0, 1)
         loss, terms = self.nft_loss(backbone, out, out_old.detach(), xt, t, x0, r)

@@ -27,13 +27,15 @@ gives the references' one optimizer update per rollout (on-policy: ratio == 1 ex
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import Field
 
 from ..backbones.base import Backbone, Cond
 from ..sampling.logprob import rollout, transition_logprob
+from .base import Objective, register
 from .online import (
     PerPromptStats,
     TrajectoryBuffer,
@@ -50,27 +52,24 @@ from .online import (
 
 
 @dataclass
-class _PolicyGradient:
-    group_size: int = 4
-    steps: int = 10
-    sampler: str = "ddim_eta"  # ddim_eta | flow_sde | cps
-    eta: float = 1.0
-    guidance_scale: float = 5.0
-    clip_range: float = 1e-4
-    adv_clip_max: float = 5.0
-    kl_beta: float = 0.0
-    timestep_fraction: float = 1.0
+class _PolicyGradient(Objective):
+    group_size: Annotated[int, Field(ge=1)] = 4
+    steps: Annotated[int, Field(ge=1)] = 10
+    sampler: Literal["ddim_eta", "flow_sde", "cps"] = "ddim_eta"
+    eta: Annotated[float, Field(gt=0)] = 1.0
+    guidance_scale: Annotated[float, Field(ge=1)] = 5.0
+    clip_range: Annotated[float, Field(gt=0)] = 1e-4
+    adv_clip_max: Annotated[float, Field(gt=0)] = 5.0
+    kl_beta: Annotated[float, Field(ge=0)] = 0.0
+    timestep_fraction: Annotated[float, Field(gt=0, le=1)] = 1.0
     negative_prompt: str = ""
-    data_kind: str = field(default="prompts", init=False)
-    needs_reward: bool = field(default=True, init=False)
+
+    data_kind = "prompts"
+    needs_reward = True
 
     def __post_init__(self) -> None:
-        if self.sampler not in ("ddim_eta", "flow_sde", "cps"):
-            raise ValueError(f"objective.sampler must be ddim_eta, flow_sde or cps (a stochastic step), got {self.sampler!r}")
-        if self.group_size < 1 or self.steps < 1:
-            raise ValueError("objective.group_size and objective.steps must be >= 1")
-        if not 0 < self.timestep_fraction <= 1:
-            raise ValueError(f"objective.timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
+        super().__post_init__()
+        self._pending: dict[str, torch.Tensor] = {}
         self.buffer = TrajectoryBuffer()
         self.rollouts = 0
         self.seed = 0
@@ -115,8 +114,11 @@ class _PolicyGradient:
 
     # --- rollout ---------------------------------------------------------------------------------------
     @torch.no_grad()
-    def collect(self, batch: dict, backbone: Backbone) -> dict[str, torch.Tensor]:
-        """Roll out ``group_size`` samples per prompt, score them, fill the buffer; returns metrics."""
+    def collect(self, batch: dict, backbone: Backbone) -> None:
+        """When the buffer is empty: roll out ``group_size`` samples per prompt with the policy as it is
+        now, score them and fill the buffer (the loop calls this before every ``loss``)."""
+        if not self.buffer.empty:
+            return
         prompts, cond = repeat_group(batch["prompts"], batch["cond"], self.group_size)
         n = len(prompts)
         rank, _ = rank_world()
@@ -138,12 +140,14 @@ class _PolicyGradient:
         self.buffer.fill({"xs": traj["xs"].transpose(0, 1), "levels": traj["levels"].transpose(0, 1),
                           "logprob": traj["logprob"].transpose(0, 1), "adv": adv, "order": order}, cond)
         self.rollouts += 1
-        return {"reward_mean": all_rewards.mean(), "reward_std": all_rewards.std(unbiased=False),
-                "rollout": torch.tensor(float(self.rollouts))}
+        self._pending = {"reward_mean": all_rewards.mean(), "reward_std": all_rewards.std(unbiased=False),
+                         "rollout": torch.tensor(float(self.rollouts))}
 
     # --- the loss --------------------------------------------------------------------------------------
     def loss(self, batch: dict, backbone: Backbone) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        metrics = self.collect(batch, backbone) if self.buffer.empty else {}
+        if self.buffer.empty:  # called without the loop's collect()
+            self.collect(batch, backbone)
+        metrics, self._pending = self._pending, {}
         j, rows, cond = self.buffer.next(backbone.device)
         x, x_next = take(rows["xs"], j), take(rows["xs"], j + 1)
         t, t_next = take(rows["levels"], j), take(rows["levels"], j + 1)
@@ -168,16 +172,17 @@ class _PolicyGradient:
         return loss, metrics
 
 
+@register("ddpo")
 @dataclass
 class DDPO(_PolicyGradient):
     """DDPO-clip (ddpo-pytorch defaults: DDIM eta 1, CFG 5, clip 1e-4, adv clip 5, per-prompt statistics
     with buffer 16 / min count 16, timestep_fraction 1.0). ``group_size`` 1 is the official setting
     (prompts repeat across epochs and the per-prompt buffers fill from them)."""
 
-    group_size: int = 1
-    steps: int = 50
-    stat_buffer: int = 16
-    stat_min_count: int = 16
+    group_size: Annotated[int, Field(ge=1)] = 1
+    steps: Annotated[int, Field(ge=1)] = 50
+    stat_buffer: Annotated[int, Field(ge=1)] = 16
+    stat_min_count: Annotated[int, Field(ge=1)] = 16
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -199,6 +204,7 @@ class DDPO(_PolicyGradient):
         self.stats.load_state_dict(state["stats"])
 
 
+@register("grpo")
 @dataclass
 class FlowGRPO(_PolicyGradient):
     """Flow-GRPO (flow_grpo ``config/grpo.py``: 10 sampling steps, SDE a = 0.7, CFG 4.5, group 24,
@@ -206,14 +212,14 @@ class FlowGRPO(_PolicyGradient):
     stochastic window at a random place in the first half of the steps, the rest ODE; one window per
     rollout, shared by all processes)."""
 
-    steps: int = 10
-    sampler: str = "flow_sde"
-    eta: float = 0.7
-    guidance_scale: float = 4.5
-    kl_beta: float = 0.04
-    timestep_fraction: float = 0.99
+    steps: Annotated[int, Field(ge=1)] = 10
+    sampler: Literal["ddim_eta", "flow_sde", "cps"] = "flow_sde"
+    eta: Annotated[float, Field(gt=0)] = 0.7
+    guidance_scale: Annotated[float, Field(ge=1)] = 4.5
+    kl_beta: Annotated[float, Field(ge=0)] = 0.04
+    timestep_fraction: Annotated[float, Field(gt=0, le=1)] = 0.99
     global_std: bool = True
-    sde_window: int = 0
+    sde_window: Annotated[int, Field(ge=0)] = 0
 
     def advantages(self, rewards: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         return group_advantages(rewards, prompts, self.global_std)
