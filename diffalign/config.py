@@ -36,7 +36,8 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    train: str = Field(description="Pick-a-Pic pairs: .jsonl/.parquet file or folder")
+    train: str = Field(description="Pick-a-Pic pairs: .jsonl/.parquet file or folder; for online objectives "
+                       "a prompt source: .txt (one per line), .jsonl (prompt/caption), toy:train[:N]")
     image_root: str | None = None
     cache_dir: str | None = None
     ties: Literal["drop", "keep"] = "drop"
@@ -65,6 +66,20 @@ class RewardConfig(_Section):
     train: str | None = Field(
         None, description="the training reward of online objectives, as rewards.from_spec reads it: NAME, "
         "NAME=PATH, NAME[=PATH]:WEIGHT,... (an Ensemble)")
+    # reward-hacking guard (training/gold.py): held-out "gold" rewards beside the training reward
+    gold: list[str] = Field([], description="gold rewards (each a rewards.from_spec spec), scored on gold_prompts")
+    gold_every: int = Field(0, ge=0, description="score the gold rewards every N optimizer steps (0: never)")
+    gold_prompts: str | None = Field(None, description="held-out prompt source (a .txt/.jsonl file, toy:heldout:N)")
+    early_stop_on_gold_drop: float | None = Field(
+        None, ge=0, description="stop when a gold reward falls more than this below its best so far")
+
+    @model_validator(mode="after")
+    def _gold_complete(self) -> RewardConfig:
+        if self.gold_every and not self.gold_prompts:
+            raise ValueError("reward.gold_prompts: reward.gold_every is set; name the held-out prompts to score")
+        if self.early_stop_on_gold_drop is not None and not (self.gold and self.gold_every):
+            raise ValueError("reward.early_stop_on_gold_drop: needs reward.gold rewards and reward.gold_every > 0")
+        return self
 
 
 class TrainConfig(_Section):

@@ -144,3 +144,24 @@ def _toy_clip(path: str | None = None, device: str | torch.device = "cpu", **kwa
             "(config.json, model.safetensors, vocab.json, merges.txt)"
         )
     return ToyCLIPReward(path, device=device)
+
+
+class ToySoftShapeReward(Reward):
+    """The differentiable relaxation of ``toy_shape`` (``diffalign.toyworld.soft_shape``), in [0,1]."""
+
+    name = "toy_shape_soft"
+    differentiable = True
+
+    def score(self, images: torch.Tensor, prompts: list[str], context: dict[str, Any] | None = None) -> torch.Tensor:
+        from diffalign.toyworld.oracles import soft_shape_score
+
+        try:
+            return soft_shape_score(images, prompts)
+        except ValueError as e:
+            raise RewardInputError(f"{self.name}: {e}") from None
+
+
+@register("toy_shape_soft")
+def _toy_shape_soft(path: str | None = None, **kwargs: Any) -> Reward:
+    _no_path("toy_shape_soft", path, kwargs)
+    return ToySoftShapeReward()

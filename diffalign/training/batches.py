@@ -1,6 +1,6 @@
 """Turn a data batch (pixels, or cached latents and embeddings) into the objective's model inputs:
 ``{"latents_w", "latents_l", "cond", "weight"}`` for pairs, ``{"latents", "cond"}`` for expert
-images, on the backbone's device."""
+images, ``{"prompts", "cond"}`` for prompts (online objectives), on the backbone's device."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from ..backbones.base import Backbone, Cond, apply_prompt_dropout
 
 def model_inputs(batch: dict[str, Any], backbone: Backbone, prompt_dropout: float, empty_cond: Cond | None) -> dict:
     dev = backbone.device
+    if "prompts" in batch:  # online: {"prompts", "cond"}; no prompt dropout (the reward scores the prompt)
+        return {"prompts": list(batch["prompts"]), "cond": backbone.encode_prompts(batch["prompts"])}
     if "pixels" in batch:  # expert demonstrations (single images)
         with torch.no_grad():
             latents = backbone.encode_images(batch["pixels"].to(dev))

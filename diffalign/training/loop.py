@@ -48,6 +48,7 @@ from ..objectives import build_objective
 from . import checkpoints as ckpt
 from .batches import SeededItems, batch_seed, endless_batches, model_inputs
 from .export import sample_grid, save_weights
+from .gold import build_gold_monitor, gold_check
 from .launch import LaunchError, StopSignals, check_launch, cpu_processes_requested, worker_ignores_stop_signals
 from .metrics import MetricWindow, agreed_max, append_jsonl, grad_norm
 from .resume import load_checkpoint, resolve_resume_mode, run_facts, truncate_metrics
@@ -70,7 +71,8 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict[str, Any]:
     ``"latest"`` (the newest loadable checkpoint; an error if there is none), ``"auto"`` (latest if
     any, else fresh) or a checkpoint folder. ``result["status"]`` is ``"completed"`` or
     ``"interrupted"`` (then ``result["signal"]`` names the signal and ``result["checkpoint"]`` the
-    checkpoint it saved).
+    checkpoint it saved) or ``"early_stopped"`` (a gold reward fell, ``reward.early_stop_on_gold_drop``;
+    ``result["early_stop"]`` says which).
     """
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
@@ -114,7 +116,8 @@ def _run(cfg: RunConfig, resume: str | None, accelerator: Any, stop: StopSignals
     # --- model, objective, data, optimizer ----------------------------------------------------------
     backbone = build_backbone(cfg, accelerator.device)
     objective = build_objective(cfg.objective.name, **cfg.objective.model_dump(exclude={"name"}))
-    objective.setup(backbone, reward=build_reward(cfg, accelerator.device) if objective.needs_reward else None)
+    reward = build_reward(cfg, accelerator.device) if objective.needs_reward else None
+    objective.setup(backbone, reward=reward)
     dataset, collate, empty_cond = build_dataset(cfg, backbone, objective.data_kind)
     seeded = SeededItems(dataset, t.seed)
     if len(seeded) < t.batch_size * nproc:
@@ -161,6 +164,7 @@ def _run(cfg: RunConfig, resume: str | None, accelerator: Any, stop: StopSignals
     if main:
         accelerator.init_trackers("diffalign", init_kwargs={"tensorboard": {"purge_step": step + 1}} if step else {})
         truncate_metrics(out / "metrics.jsonl", step)
+    gold = build_gold_monitor(cfg, backbone, reward, step) if main else None  # held-out gold rewards (gold.py)
     saved = {"step": step, "path": resumed_from}  # the newest checkpoint of this run
     skipped_total = int(ckpt.read_meta(resumed_from).get("skipped_steps", 0)) if resumed_from else 0
 
@@ -196,9 +200,14 @@ def _run(cfg: RunConfig, resume: str | None, accelerator: Any, stop: StopSignals
     window, last = MetricWindow(), {}
     t0, steps_timed = time.time(), 0
     in_a_row, last_good = 0, resumed_from
-    status, stop_signal = "completed", None
+    status, stop_signal, gold_stop = "completed", None, None
     try:
         while step < t.steps:
+            gold_stop = gold_check(gold, cfg.reward.gold_every, step, backbone, accelerator)
+            if gold_stop:
+                status = "early_stopped"
+                accelerator.print(gold_stop)
+                break
             signum = agreed_max(accelerator, stop.signum or 0)
             if signum:
                 status, stop_signal = "interrupted", signal.Signals(signum).name
@@ -267,6 +276,8 @@ def _run(cfg: RunConfig, resume: str | None, accelerator: Any, stop: StopSignals
             if t.sample_every and step % t.sample_every == 0 and step < t.steps and main and not fsdp:
                 sample_grid(backbone, cfg, out / "samples" / f"step_{step:08d}.png")
         bar.close()
+        if status == "completed":  # the last gold point
+            gold_check(gold, cfg.reward.gold_every, step, backbone, accelerator)
         final = save(step) if step > 0 else None
     finally:
         bar.close()
@@ -279,6 +290,8 @@ def _run(cfg: RunConfig, resume: str | None, accelerator: Any, stop: StopSignals
         "step": step, "status": status, "metrics": last, "checkpoint": str(final) if final else None,
         "skipped_steps": skipped_total, "main_process": main, "data": _data_report(dataset),
     }
+    if gold_stop:
+        result["early_stop"] = gold_stop
     if status == "interrupted":
         result["signal"] = stop_signal
         if main:

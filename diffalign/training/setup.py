@@ -66,8 +66,16 @@ def _set_attention(bb: Backbone, attention: str) -> None:
 
 def build_dataset(cfg: RunConfig, backbone: Backbone, kind: str = "pairs") -> tuple[Any, Any, Any]:
     """(dataset, collate_fn, empty-prompt Cond or None): the latent cache when configured, else pixels.
-    ``kind="experts"``: single demonstration images (Diffusion-DRO) instead of pairs."""
+    ``kind="experts"``: single demonstration images (Diffusion-DRO) instead of pairs; ``kind="prompts"``:
+    prompts only (online objectives; ``data.train`` is a prompt source, see ``data.prompts``)."""
     d = cfg.data
+    if kind == "prompts":  # online objectives: prompts only, the model makes the images
+        from ..data.prompts import PromptDataset, collate_prompts
+
+        ds = PromptDataset(d.train)
+        if d.limit:
+            ds.prompts = ds.prompts[: d.limit]
+        return ds, collate_prompts, None
     if kind == "experts":
         from ..data.experts import ExpertImages, collate_experts
 
