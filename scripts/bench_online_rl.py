@@ -41,18 +41,18 @@ def build_objective(method: str, base: str, args: argparse.Namespace):
     raise ValueError(method)
 
 
-def paired_bootstrap(a: torch.Tensor, b: torch.Tensor, n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean of b - a and its 95% percentile interval, resampling the paired items."""
-    d = (b - a).double()
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, len(d), (n, len(d)), generator=g)
-    means = d[idx].mean(1)
-    return float(d.mean()), float(means.quantile(0.025)), float(means.quantile(0.975))
+def paired_bootstrap(a: torch.Tensor, b: torch.Tensor, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of b - a and its 95% percentile interval (diffalign.bench.stats, 2000 resamples of the pairs)."""
+    from diffalign.bench.stats import paired_bootstrap as boot
+
+    iv = boot(a, b, n_boot=2000, level=0.95, seed=seed)
+    return float(iv.mean), float(iv.low), float(iv.high)
 
 
 @torch.no_grad()
 def score(bb, prompts: list[str], seeds: int, rs: dict) -> dict[str, torch.Tensor]:
-    from diffalign.toyworld.experiment import sample_images, score_all
+    from diffalign.bench.experiment import score_all
+    from diffalign.toyworld.pairs import sample_images
 
     expanded = [p for p in prompts for _ in range(seeds)]
     imgs = sample_images(bb, expanded, seed=1234, steps=20, guidance_scale=5.0, progress=False)
@@ -130,7 +130,7 @@ def main() -> None:
     torch.set_num_threads(1)
     from diffalign.backbones import load_backbone
     from diffalign.toyworld import shapes
-    from diffalign.toyworld.experiment import load_rewards
+    from diffalign.bench.experiment import load_rewards
 
     rs = load_rewards(list(ORACLES))
     out = Path(args.out)
