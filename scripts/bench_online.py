@@ -90,6 +90,24 @@ def train_one(args: argparse.Namespace, model_dir: Path, seed: int, reward, log_
     return bb, cpu, wall, log
 
 
+def evaluate_loras(args: argparse.Namespace, model_dir: Path, eval_prompts: list[str], rs: dict,
+                   base: dict[str, torch.Tensor], out: Path) -> None:
+    from diffalign.backbones.lora import load_lora
+
+    res = {"settings": vars(args), "n_eval": len(next(iter(base.values()))),
+           "base": {k: float(v.mean()) for k, v in base.items()}, "loras": {}}
+    for i, d in enumerate(args.eval_loras.split(",")):
+        bb = load_backbone(model_dir)
+        load_lora(bb, d)
+        tuned = evaluate(bb, eval_prompts, rs, args)
+        res["loras"][d] = {}
+        for k in base:
+            ci = paired_bootstrap(base[k], tuned[k], seed=i)
+            res["loras"][d][k] = {"after": float(tuned[k].mean()), "gain": ci.mean, "ci95": [ci.low, ci.high]}
+        print(d, {k: str(paired_bootstrap(base[k], tuned[k], seed=i)) for k in base}, flush=True)
+        (out / "eval_loras.json").write_text(json.dumps(res, indent=2))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default=None, help="toy base folder (holds sd/ and sd3/); default: the shipped one")
@@ -116,6 +134,7 @@ def main() -> None:
     p.add_argument("--eval-seeds", type=int, default=2)
     p.add_argument("--out", required=True)
     p.add_argument("--base-cache", default=None, help="folder for the base model's scores (shared by runs)")
+    p.add_argument("--eval-loras", default=None, help="comma-separated saved LoRA folders: evaluate them only")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -138,6 +157,9 @@ def main() -> None:
         base = evaluate(load_backbone(model_dir), eval_prompts, rs, args)
         torch.save(base, base_path)
 
+    if args.eval_loras:  # evaluate saved LoRAs only (e.g. on more held-out samples than the training run used)
+        evaluate_loras(args, model_dir, eval_prompts, rs, base, out)
+        return
     results = {"settings": {k: v for k, v in vars(args).items()}, "n_eval": len(next(iter(base.values()))),
                "base": {k: float(v.mean()) for k, v in base.items()}, "runs": []}
     for seed in [int(s) for s in args.seeds.split(",")]:

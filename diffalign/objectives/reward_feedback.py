@@ -13,15 +13,18 @@ carry gradient (the chains are in ``diffalign.sampling.chains``). For prompts c 
 and the loss is, with the KL-to-reference term of DRaFT+ (mean over the grad steps of the squared
 difference between the policy's and the reference's outputs at the same state):
 
-    L = -reward_scale * mean_b r(decode(x0_b), c_b)
+    L = -reward_scale * mean_b min(r(decode(x0_b), c_b), reward_cap)
         + beta_kl * mean_{grad steps j} mean_b ||f_theta(x_j, t_j, c) - f_ref(x_j, t_j, c)||^2
 
 (the reference f_ref is the denoiser with its adapter disabled: ``backbone.predict(..., reference=True)``;
 the outputs are the CFG-guided ones the chain uses, so the term is exactly 0 while the policy equals the
-reference). DRaFT-LV's paper sums r over the n copies; here it is averaged, so ``reward_scale`` means the
-same for every method. ReFL may add a pretraining loss ``pretrain_weight * mse(f_theta(x_t), target)`` on
-clean latents ``batch["latents"]`` (ReFL_SDXL's ``--apply_pre_loss``, which alternates it with the reward
-step; here it is summed into the same step).
+reference). ``reward_cap`` (None: none) stops the gradient of samples above it: ReFL's official loss
+relu(2 - r) * 1e-3 is the cap 2 up to a constant, AlignProp's |aes - 10| the cap 10 while aes < 10.
+DRaFT-LV's paper sums r over the n copies; here it is averaged, so ``reward_scale`` means the same for
+every method. ReFL may add a pretraining loss ``pretrain_weight * mse(f_theta(x_t), target)`` on clean
+latents ``batch["latents"]`` (ReFL_SDXL's ``--apply_pre_loss``, which alternates it with the reward step;
+here it is summed into the same step; the prompt data kind carries no latents yet, so it is for callers
+that add them).
 
 The reward arrives through ``setup(backbone, reward=...)`` (objectives never import ``rewards``); it must
 be differentiable (the analytic toy oracles are not: train on them with a policy-gradient method).
@@ -55,6 +58,7 @@ class _RewardFeedback(Objective):
     guidance_scale: Annotated[float, Field(ge=0)] = 5.0  # CFG in the chain (ReFL 1 = none; DRaFT 7.5; AlignProp 5)
     reward_scale: Annotated[float, Field(gt=0)] = 1.0  # loss = -reward_scale * r (ReFL 1e-3, AlignProp 0.01, DRaFT 1)
     beta_kl: Annotated[float, Field(ge=0)] = 0.0  # KL to the reference along the grad steps (DRaFT+ 1.0; 0 = off)
+    reward_cap: float | None = None  # r -> min(r, cap): no gradient above it (ReFL relu(2 - r): cap 2; AlignProp |aes - 10|: 10)
 
     # --- the objective protocol (the other hooks keep Objective's defaults) -------------------------
     def setup(self, backbone: Backbone, reward: Any = None) -> None:
@@ -100,7 +104,8 @@ class _RewardFeedback(Objective):
     def _reward_loss(self, x0: torch.Tensor, prompts: list[str], backbone: Backbone, kl: torch.Tensor,
                      extra: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         r, members = self._score(backbone.decode_latents(x0), prompts)
-        loss = -self.reward_scale * r.mean() + self.beta_kl * kl
+        r_used = r if self.reward_cap is None else r.clamp(max=self.reward_cap)
+        loss = -self.reward_scale * r_used.mean() + self.beta_kl * kl
         metrics = {"loss": loss.detach(), "reward": r.detach().mean(), "reward_std": r.detach().std(unbiased=False),
                    "kl": kl.detach(), **{k: v.detach() for k, v in extra.items()}}
         metrics.update({f"reward/{n}": v.detach().mean() for n, v in members.items()})

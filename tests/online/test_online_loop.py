@@ -96,3 +96,16 @@ def test_a_bad_prompt_file_names_the_line(tmp_path):
     cfg.data.train = str(bad)
     with pytest.raises(ValueError, match="p.jsonl, line 2"):
         train(cfg)
+
+
+@pytest.mark.parametrize("recipe", ["sd15_refl", "sd15_draft", "sd15_alignprop", "sdxl_refl", "sd3_draft", "sd3_refl",
+                                    "flux_draft", "tiny_refl", "tiny_draft", "tiny_alignprop"])
+def test_recipes_validate(recipe):
+    cfg = load_config(ROOT / "configs" / f"{recipe}.yaml")
+    assert cfg.objective.name == recipe.split("_")[1] and cfg.reward.train
+
+
+def test_tiny_recipe_runs(tmp_path):
+    cfg = load_config(ROOT / "configs" / "tiny_draft.yaml", ["--train.steps", "2", "--train.output_dir",
+                                                             str(tmp_path / "t"), "--reward.gold_every", "2"])
+    assert train(cfg)["status"] == "completed"

@@ -133,3 +133,14 @@ def test_ensemble_members_are_logged():
     _, m = obj.loss(batch_for(bb), bb)
     torch.testing.assert_close(m["reward"], m["reward/bright"] + 0.5 * m["reward/dark"])
     torch.testing.assert_close(m["reward/dark"], -m["reward/bright"])
+
+
+def test_reward_cap_stops_the_gradient_above_it():
+    bb = tiny("sd15", lora=True)
+    obj = build("draft", reward_cap=-1.0)  # brightness is >= 0 > cap: every sample is capped
+    obj.setup(bb, reward=Brightness())
+    torch.manual_seed(0)
+    loss, m = obj.loss(batch_for(bb), bb)
+    torch.testing.assert_close(loss, torch.tensor(1.0))
+    loss.backward()
+    assert all(x is None or x.abs().max() == 0 for x in grads(bb))
