@@ -88,8 +88,8 @@ def pair_vectors(pairs: PreferencePairs, encoder: Any, batch_size: int = 64, pro
             chunk = [pairs[i] for _, i in rows[s:s + batch_size]]
             caps = [it["caption"] for it in chunk]
             w = torch.stack([it["pixels_w"] for it in chunk])
-            l = torch.stack([it["pixels_l"] for it in chunk])
-            g = encoder.encode_triples(caps, w, l).float().cpu()
+            lose = torch.stack([it["pixels_l"] for it in chunk])
+            g = encoder.encode_triples(caps, w, lose).float().cpu()
             for it, v in zip(chunk, g, strict=True):
                 out[int(it["row"])] = v
     return out
@@ -197,3 +197,15 @@ def user_choices(path: str | Path, user_id: str, resolution: int, min_pairs: int
                             f"needed{hint if not items else ''}")
     return ([it["caption"] for it in items], torch.stack([it["pixels_w"] for it in items]),
             torch.stack([it["pixels_l"] for it in items]))
+
+
+def choices_by_user(path: str | Path, resolution: int) -> dict[str, tuple[list[str], torch.Tensor, torch.Tensor]]:
+    """Every user's decided pairs at once: ``{user_id: (prompts, preferred, rejected)}`` (file order)."""
+    ds = PreferencePairs(path, resolution=resolution, ties="drop", random_flip=False)
+    users = read_user_ids(path)
+    grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for i in range(len(ds)):
+        it = ds[i]
+        grouped[users[int(it["row"])]].append(it)
+    return {u: ([it["caption"] for it in items], torch.stack([it["pixels_w"] for it in items]),
+                torch.stack([it["pixels_l"] for it in items])) for u, items in grouped.items()}

@@ -78,7 +78,7 @@ def encode_in_batches(
 
 
 class CLIPPairEncoder:
-    """``g = normalize(f(w)) - normalize(f(l))`` with ``f`` a CLIP image tower (``rewards.clip_backbone``)."""
+    """``g = normalize(f(w)) - normalize(f(lose))`` with ``f`` a CLIP image tower (``rewards.clip_backbone``)."""
 
     def __init__(self, clip: Any, name: str = "clip") -> None:
         self.clip, self.name = clip.eval().requires_grad_(False), name
@@ -145,9 +145,9 @@ class VLMEncoder:
 
         dev = next(self.model.parameters()).device
         out = []
-        for p, w, l in zip(prompts, preferred, rejected, strict=True):  # one triple per call: no padding effects
+        for p, w, lose in zip(prompts, preferred, rejected, strict=True):  # one triple per call: no padding effects
             text = self.template.format(prompt=p, image=self.image_token)
-            inputs = self.processor(text=[text], images=[[pil(w), pil(l)]], return_tensors="pt").to(dev)
+            inputs = self.processor(text=[text], images=[[pil(w), pil(lose)]], return_tensors="pt").to(dev)
             hidden = self.model(**inputs, output_hidden_states=True).hidden_states
             try:
                 h = hidden[self.layer][0].float()  # [T, d]

@@ -374,3 +374,27 @@ def personalized(backbone: Any, embedding: torch.Tensor, negative: str = "same")
         yield backbone
     finally:
         del backbone.encode_prompts, backbone.negative_cond  # the class methods again
+
+
+@torch.no_grad()
+def generate_personalized(
+    backbone: Any, prompts: list[str], embeddings: torch.Tensor | None, *, latents: torch.Tensor | None = None,
+    steps: int = 30, guidance_scale: float = 7.5, negative: str = "same", negative_prompt: str = "", seed: int = 0,
+) -> torch.Tensor:
+    """Images ``[B,3,H,W]`` for ``prompts``, row i conditioned on ``embeddings[i]`` (``[B, D]``, or ``[D]``
+    for all rows; None: the model without a profile). One batch may mix users."""
+    from ..sampling.solvers import sample_latents
+
+    n = len(prompts)
+    cond = backbone.encode_prompts(list(prompts))
+    uncond = backbone.negative_cond(negative_prompt, n) if guidance_scale != 1.0 else None
+    if embeddings is not None:
+        e = embeddings.float().to(backbone.device)
+        e = e.reshape(1, -1).expand(n, -1) if e.ndim == 1 else e
+        cond = with_user(cond, e)
+        if uncond is not None:
+            uncond = with_user(uncond, e if negative == "same" else torch.zeros_like(e))
+    gen = torch.Generator("cpu").manual_seed(seed)
+    lat = sample_latents(backbone, cond, uncond, steps=steps, guidance_scale=guidance_scale, latents=latents,
+                         generator=gen)
+    return backbone.decode_latents(lat)

@@ -78,16 +78,16 @@ def _triples(k=5, seed=0):
 
 
 def _order_free(enc):
-    prompts, w, l = _triples()
-    e = user_embedding(enc, prompts, w, l)
+    prompts, w, lose = _triples()
+    e = user_embedding(enc, prompts, w, lose)
     perm = [3, 0, 4, 2, 1]
-    e2 = user_embedding(enc, [prompts[i] for i in perm], w[perm], l[perm])
+    e2 = user_embedding(enc, [prompts[i] for i in perm], w[perm], lose[perm])
     assert e.shape == (enc.dim,)
     assert torch.allclose(e, e2, atol=1e-6)
     assert abs(float(e.norm()) - 1) < 1e-5
     # a different choice (swap one pair) changes the embedding
-    w2, l2 = w.clone(), l.clone()
-    w2[0], l2[0] = l[0], w[0]
+    w2, l2 = w.clone(), lose.clone()
+    w2[0], l2[0] = lose[0], w[0]
     assert not torch.allclose(user_embedding(enc, prompts, w2, l2), e, atol=1e-4)
     return e
 
@@ -131,19 +131,19 @@ def test_encoder_errors(tmp_path):
 
 def test_profile_roundtrip_and_order(clip_dir, tmp_path):
     enc = CLIPPairEncoder.from_path(clip_dir)
-    prompts, w, l = _triples(4)
-    p = create_profile(enc, prompts, w, l, user_id="alice", source="pairs.jsonl", min_pairs=4)
+    prompts, w, lose = _triples(4)
+    p = create_profile(enc, prompts, w, lose, user_id="alice", source="pairs.jsonl", min_pairs=4)
     path = p.save(tmp_path / "alice.profile")
     assert path.stat().st_size < 4096
     q = Profile.load(path)
     assert torch.equal(q.embedding, p.embedding) and (q.user_id, q.pairs, q.encoder) == ("alice", 4, enc.name)
     perm = [2, 3, 1, 0]
-    r = create_profile(enc, [prompts[i] for i in perm], w[perm], l[perm], user_id="alice")
+    r = create_profile(enc, [prompts[i] for i in perm], w[perm], lose[perm], user_id="alice")
     assert torch.allclose(r.embedding, p.embedding, atol=1e-6)
     with pytest.raises(FileExistsError):
         p.save(path)
     with pytest.raises(ProfileError, match="'bob' has 3 decided pairs in x.jsonl; at least 4"):
-        create_profile(enc, prompts[:3], w[:3], l[:3], user_id="bob", source="x.jsonl", min_pairs=4)
+        create_profile(enc, prompts[:3], w[:3], lose[:3], user_id="bob", source="x.jsonl", min_pairs=4)
     (tmp_path / "junk.profile").write_bytes(b"garbage")
     with pytest.raises(ProfileError, match="junk.profile"):
         Profile.load(tmp_path / "junk.profile")

@@ -16,8 +16,8 @@ class MeanColour:
 
     name, dim = "mean_colour", 3
 
-    def encode_triples(self, prompts, w, l):
-        return w.mean((2, 3)) - l.mean((2, 3))
+    def encode_triples(self, prompts, w, lose):
+        return w.mean((2, 3)) - lose.mean((2, 3))
 
 
 def _write(tmp_path, users):
@@ -85,15 +85,14 @@ def test_missing_user_id_names_the_row(tmp_path):
 
 def test_user_choices(tmp_path):
     path = _write(tmp_path, {"alice": 4, "bob": 5})
-    prompts, w, l = user_choices(path, "alice", 16, min_pairs=4)
+    prompts, w, lose = user_choices(path, "alice", 16, min_pairs=4)
     assert len(prompts) == 4 and w.shape == (4, 3, 16, 16)
     with pytest.raises(UserDataError, match="'carol' has 0 decided pairs.*users in the file: alice, bob"):
         user_choices(path, "carol", 16, min_pairs=4)
 
 
 def test_toy_users_disagree_on_open_attributes(tmp_path):
-    from diffalign.toyworld.shapes import Obj, Scene, parse_caption, render_placements
-    from diffalign.toyworld.shapes import Placement
+    from diffalign.toyworld.shapes import Obj, Placement, Scene, parse_caption, render_placements
     from diffalign.toyworld.users import FEATURES, SyntheticUser, features, open_prompts, population, user_pairs
 
     small_left = torch.from_numpy(render_placements([Placement("red", "circle", 8, 16, 4.5)]))
