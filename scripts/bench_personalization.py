@@ -31,7 +31,8 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 
 BASE = Path(__file__).resolve().parent.parent / "diffalign" / "toyworld" / "base" / "sd"
-STEPS, GUIDANCE = 20, 5.0
+POOL_STEPS, GUIDANCE = 20, 5.0  # base samples for the pairs (the toy base's own setting)
+EVAL_STEPS = 10  # evaluation samples (every compared model alike); set by --eval-steps
 
 
 def log(msg: str) -> None:
@@ -59,7 +60,7 @@ def pool_images(bb: Any, prompts: list[str], seed: int) -> torch.Tensor:
     from diffalign.toyworld.experiment import sample_images
 
     expanded = [p for p in prompts for _ in range(2)]
-    imgs = sample_images(bb, expanded, seed=seed, steps=STEPS, guidance_scale=GUIDANCE, progress=True, desc="pool")
+    imgs = sample_images(bb, expanded, seed=seed, steps=POOL_STEPS, guidance_scale=GUIDANCE, progress=True, desc="pool")
     return imgs.view(len(prompts), 2, *imgs.shape[1:])
 
 
@@ -189,7 +190,7 @@ def sample(bb: Any, prompts: list[str], emb: torch.Tensor | None, noise_seed: in
     out = []
     for i in range(0, len(prompts), batch):
         e = None if emb is None else emb[i:i + batch]
-        out.append(generate_personalized(bb, prompts[i:i + batch], e, latents=lat[i:i + batch], steps=STEPS,
+        out.append(generate_personalized(bb, prompts[i:i + batch], e, latents=lat[i:i + batch], steps=EVAL_STEPS,
                                          guidance_scale=GUIDANCE).cpu())
     return torch.cat(out)
 
@@ -243,7 +244,7 @@ def evaluate(args: argparse.Namespace, data: dict[str, Any], clip_dir: Path, out
     enc = encoder_for(clip_dir)
     prompts = open_prompts(max(args.eval_seen, args.eval_unseen), seed=2)
     groups = {
-        "seen": (data["seen"], choices_by_user(data["train"], 32), args.eval_seen),
+        "seen": (data["seen"][: args.eval_seen_users], choices_by_user(data["train"], 32), args.eval_seen),
         "unseen": (data["unseen"], choices_by_user(data["shots"], 32), args.eval_unseen),
     }
     base = load_base()
@@ -359,12 +360,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--dropout", type=float, default=0.1)
     ap.add_argument("--tokens", type=int, default=4)
-    ap.add_argument("--eval-seen", type=int, default=48, help="eval prompts per seen user")
+    ap.add_argument("--eval-seen", type=int, default=64, help="eval prompts per seen user")
+    ap.add_argument("--eval-seen-users", type=int, default=16, help="seen users evaluated")
+    ap.add_argument("--eval-steps", type=int, default=10)
+    ap.add_argument("--seed-list", default=None, help="comma-separated training seeds (default: 0..seeds-1)")
     ap.add_argument("--eval-unseen", type=int, default=128, help="eval prompts per unseen user")
     ap.add_argument("--grid", default="docs/results/personalization_grid.png")
-    ap.add_argument("--stage", choices=["data", "train", "all"], default="all")
+    ap.add_argument("--stage", choices=["data", "train-ppd", "train", "all"], default="all")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    global EVAL_STEPS
+    EVAL_STEPS = args.eval_steps
+    seeds = [int(x) for x in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     clip_dir = ensure_clip(out, args.clip_seconds)
@@ -372,8 +379,10 @@ def main(argv: list[str] | None = None) -> None:
     log(f"data ready: {data['train']} ({len(data['seen'])} seen users), {data['shots']}")
     if args.stage == "data":
         return
-    ppd = {s: train_ppd(args, data, clip_dir, s, out / f"ppd_seed{s}") for s in range(args.seeds)}
-    dpo = {s: train_dpo(args, data, s, out) for s in range(args.seeds)}
+    ppd = {s: train_ppd(args, data, clip_dir, s, out / f"ppd_seed{s}") for s in seeds}
+    if args.stage == "train-ppd":
+        return
+    dpo = {s: train_dpo(args, data, s, out) for s in seeds}
     if args.stage == "train":
         return
     res = evaluate(args, data, clip_dir, out, ppd, dpo)
