@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 
-torch.set_num_threads(1)
 from diffalign.backbones import load_backbone
 from diffalign.personalization.choose import ChoiceStore, backbone_pair_maker, serve
+
+torch.set_num_threads(1)
 
 bb = load_backbone("diffalign/toyworld/base/sd")
 d = Path(tempfile.mkdtemp())
