@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m diffalign.demo
+	$(PY) -m diffalign.cli demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

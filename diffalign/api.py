@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from .backbones.base import Backbone, _unwrap
+from .backbones.base import Backbone
+from .backbones.modules import unwrap
 
 GUIDANCE_MODES = ("cfg", "rlg", "reward", "rlg+reward")
 
@@ -98,9 +99,9 @@ def _as_reward(spec: Any, device: torch.device) -> Any:
     if spec is None:
         return None
     if isinstance(spec, str):
-        from .toyworld.cli import parse_reward
+        import rewards
 
-        spec = parse_reward(spec)
+        spec = rewards.from_spec(spec)
     if isinstance(spec, torch.nn.Module):
         spec.to(device)
     return spec
@@ -139,7 +140,7 @@ def load_model(model: str | Path | Backbone, lora: str | Path | None = None, *, 
 def _check_tuned(bb: Backbone, guidance: str, rlg_mode: str) -> None:
     from .backbones.lora import has_adapter
 
-    adapter = has_adapter(_unwrap(bb.denoiser))
+    adapter = has_adapter(unwrap(bb.denoiser))
     if not adapter and bb.ref_model is None:
         raise ValueError(
             f"guidance {guidance!r} needs a fine-tuned model to guide with: pass a LoRA (CLI: --lora DIR; Python: "
@@ -202,26 +203,14 @@ def sample(
     from tqdm.auto import tqdm
 
     from .sampling.best_of import best_of_n
-    from .sampling.guidance import RewardGuidance, RLGuidance
-    from .sampling.solvers import noise_for_seeds, resolve_scheduler, sample_latents
+    from .sampling.guidance import GuidanceHooks
+    from .sampling.solvers import resolve_scheduler, sample_images
 
     t_start = time.perf_counter()
-    if guidance not in GUIDANCE_MODES:
-        raise ValueError(f"guidance must be one of {', '.join(GUIDANCE_MODES)}, got {guidance!r}")
-    modes = set(guidance.split("+"))
-    base_prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not base_prompts:
-        raise ValueError("no prompts")
-    if images_per_prompt < 1 or batch_size < 1 or steps < 1:
-        raise ValueError("images_per_prompt, batch_size and steps must be >= 1")
-    prompt_list = [p for p in base_prompts for _ in range(images_per_prompt)]
-    n = len(prompt_list)
-    selecting = best_of > 1 or reject_below is not None
-    if latents is not None and selecting:
-        raise ValueError("latents cannot be combined with best-of-N (each candidate needs its own noise)")
-    if latents is not None and latents.shape[0] != n:
-        raise ValueError(f"latents hold {latents.shape[0]} images but there are {n} prompts (x images_per_prompt)")
-
+    modes = _check_modes(guidance)
+    prompt_list = [p for p in ([prompts] if isinstance(prompts, str) else list(prompts)) for _ in range(images_per_prompt)]
+    n, selecting = len(prompt_list), best_of > 1 or reject_below is not None
+    _check_counts(n, images_per_prompt, batch_size, steps, latents, selecting)
     bb = load_model(model, lora, size=size, device=device, dtype=dtype)
     if "rlg" in modes:
         _check_tuned(bb, guidance, rlg_mode)
@@ -233,89 +222,80 @@ def sample(
         raise ValueError("best-of-N / rejection sampling needs a reward to select by (CLI: --reward NAME=PATH)")
     sched = resolve_scheduler(bb, scheduler)
     seeds = [seed + i for i in range(n)]
-    height = width = size
-    rlg_hooks: list[RLGuidance] = []
-
-    def make_hook(chunk_prompts: list[str]) -> Callable[..., torch.Tensor] | None:
-        hook: Any = None
-        if "rlg" in modes:
-            hook = RLGuidance(rlg_scale, mode=rlg_mode, zero_init_step=zero_init_step, batch_models=rlg_batched)
-            rlg_hooks.append(hook)
-        if "reward" in modes:
-            hook = RewardGuidance(guide_reward, chunk_prompts, reward_scale, schedule=reward_schedule,
-                                  normalize=reward_normalize, inner=hook)
-        return hook
-
-    total = n * (best_of if selecting else 1)
-    bar = tqdm(total=total, desc=f"sampling ({guidance})", unit="img", disable=not progress)
+    hooks = GuidanceHooks(modes, rlg_scale=rlg_scale, rlg_mode=rlg_mode, zero_init_step=zero_init_step,
+                          rlg_batched=rlg_batched, reward=guide_reward, reward_scale=reward_scale,
+                          reward_schedule=reward_schedule, reward_normalize=reward_normalize)
+    bar = tqdm(total=n * (best_of if selecting else 1), desc=f"sampling ({guidance})", unit="img", disable=not progress)
 
     def sample_round(k: int, idx: list[int]) -> torch.Tensor:
-        out = []
-        for j in range(0, len(idx), batch_size):
-            chunk = idx[j : j + batch_size]
-            ps = [prompt_list[i] for i in chunk]
-            chunk_seeds = [seeds[i] + k * n for i in chunk]
-            noise = latents[chunk] if latents is not None else noise_for_seeds(bb, chunk_seeds, height, width)
-            cond = bb.encode_prompts(ps)
-            uncond = bb.negative_cond(negative_prompt, len(ps)) if guidance_scale != 1.0 else None
-            hook = make_hook(ps)
-            lat = sample_latents(
-                bb, cond, uncond, steps=steps, guidance_scale=guidance_scale, latents=noise, scheduler=sched,
-                generator=torch.Generator("cpu").manual_seed(chunk_seeds[0]),  # step noise of stochastic schedulers
-                height=height, width=width, model_output=hook,
-            )
-            with torch.no_grad():
-                out.append(bb.decode_latents(lat).float().cpu())
-            bar.update(len(chunk))
-        return torch.cat(out)
+        """Round k (candidate k of best-of-N) of the images ``idx``."""
+        return sample_images(
+            bb, [prompt_list[i] for i in idx], [seeds[i] + k * n for i in idx], steps=steps,
+            guidance_scale=guidance_scale, negative_prompt=negative_prompt, scheduler=sched, height=size, width=size,
+            latents=latents[idx] if latents is not None else None, batch_size=batch_size, model_output=hooks,
+            on_batch=bar.update,
+        )
 
     t_sample = time.perf_counter()
     scores = tries = None
     if selecting:
         sel = best_of_n(sample_round, prompt_list, select, best_of, threshold=reject_below)
-        images, scores, tries = sel.images, sel.scores, sel.tries
-        drawn = int(tries.sum())
+        images, scores, tries, drawn = sel.images, sel.scores, sel.tries, int(sel.tries.sum())
     else:
-        images = sample_round(0, list(range(n)))
-        drawn = n
+        images, drawn = sample_round(0, list(range(n))), n
     bar.close()
     sample_seconds = time.perf_counter() - t_sample
-
-    settings: dict[str, Any] = {
-        "model": str(model) if not isinstance(model, Backbone) else type(bb.pipe).__name__,
-        "lora": str(lora) if lora else None,
-        "family": bb.family,
-        "prediction_type": bb.prediction_type,
-        "scheduler": type(sched).__name__,
-        "scheduler_config": dict(sched.config),
-        "steps": steps,
-        "guidance_scale": guidance_scale,
-        "embedded_guidance": bool(getattr(bb, "uses_embedded_guidance", False)),
-        "negative_prompt": negative_prompt,
-        "seed": seed,
-        "seed_rule": "image i: seed + i; best-of candidate k: seed + i + k * n_images",
-        "size": [int(images.shape[-2]), int(images.shape[-1])],
-        "batch_size": batch_size,
-        "images_per_prompt": images_per_prompt,
-        "n_images": n,
-        "guidance": guidance,
-        "rlg": {"scale": rlg_scale, "mode": rlg_mode, "zero_init_step": zero_init_step, "batched": rlg_batched}
-        if "rlg" in modes else None,
-        "reward_guidance": {"reward": _reward_name(reward), "scale": reward_scale,
-                            "schedule": reward_schedule if isinstance(reward_schedule, str) else repr(reward_schedule),
-                            "normalize": reward_normalize} if "reward" in modes else None,
-        "best_of": best_of if selecting else None,
-        "reject_below": reject_below,
-        "select_reward": _reward_name(select_reward if select_reward is not None else reward) if selecting else None,
-        "device": str(bb.device),
-        "dtype": str(next(bb.denoiser.parameters()).dtype).replace("torch.", ""),
-        "versions": versions(),
-        "seconds": time.perf_counter() - t_start,
-        "sampling_seconds": sample_seconds,
-        "seconds_per_image": sample_seconds / max(drawn, 1),
-        "candidates_drawn": drawn,
-        "custom_latents": latents is not None,
-    }
-    if "rlg" in modes:
-        settings["rlg"]["denoiser_forwards"] = sum(h.forwards for h in rlg_hooks)
+    settings = _settings(
+        model, bb, sched, images, lora=lora, steps=steps, guidance_scale=guidance_scale,
+        negative_prompt=negative_prompt, seed=seed, batch_size=batch_size, images_per_prompt=images_per_prompt,
+        guidance=guidance, modes=modes, rlg={"scale": rlg_scale, "mode": rlg_mode, "zero_init_step": zero_init_step,
+                                             "batched": rlg_batched, "denoiser_forwards": hooks.forwards},
+        reward_guidance={"reward": _reward_name(reward), "scale": reward_scale, "normalize": reward_normalize,
+                         "schedule": reward_schedule if isinstance(reward_schedule, str) else repr(reward_schedule)},
+        best_of=best_of if selecting else None, reject_below=reject_below,
+        select_reward=_reward_name(select_reward if select_reward is not None else reward) if selecting else None,
+        custom_latents=latents is not None,
+    )
+    settings.update(seconds=time.perf_counter() - t_start, sampling_seconds=sample_seconds,
+                    seconds_per_image=sample_seconds / max(drawn, 1), candidates_drawn=drawn)
     return Samples(images, prompt_list, seeds, settings, scores=scores, tries=tries)
+
+
+def _check_modes(guidance: str) -> set[str]:
+    if guidance not in GUIDANCE_MODES:
+        raise ValueError(f"guidance must be one of {', '.join(GUIDANCE_MODES)}, got {guidance!r}")
+    return set(guidance.split("+"))
+
+
+def _check_counts(n: int, images_per_prompt: int, batch_size: int, steps: int, latents: torch.Tensor | None,
+                  selecting: bool) -> None:
+    if images_per_prompt < 1 or batch_size < 1 or steps < 1:
+        raise ValueError("images_per_prompt, batch_size and steps must be >= 1")
+    if not n:
+        raise ValueError("no prompts")
+    if latents is not None and selecting:
+        raise ValueError("latents cannot be combined with best-of-N (each candidate needs its own noise)")
+    if latents is not None and latents.shape[0] != n:
+        raise ValueError(f"latents hold {latents.shape[0]} images but there are {n} prompts (x images_per_prompt)")
+
+
+def _settings(model: Any, bb: Backbone, sched: Any, images: torch.Tensor, *, modes: set[str], rlg: dict[str, Any],
+              reward_guidance: dict[str, Any], **given: Any) -> dict[str, Any]:
+    """Everything needed to reproduce a ``sample`` call (written to settings.json)."""
+    given["lora"] = str(given["lora"]) if given["lora"] else None
+    return {
+        "model": str(model) if not isinstance(model, Backbone) else type(bb.pipe).__name__,
+        "lora": given.pop("lora"), "family": bb.family, "prediction_type": bb.prediction_type,
+        "scheduler": type(sched).__name__, "scheduler_config": dict(sched.config),
+        "steps": given.pop("steps"), "guidance_scale": given.pop("guidance_scale"),
+        "embedded_guidance": bool(getattr(bb, "uses_embedded_guidance", False)),
+        "negative_prompt": given.pop("negative_prompt"), "seed": given.pop("seed"),
+        "seed_rule": "image i: seed + i; best-of candidate k: seed + i + k * n_images",
+        "size": [int(images.shape[-2]), int(images.shape[-1])], "batch_size": given.pop("batch_size"),
+        "images_per_prompt": given.pop("images_per_prompt"), "n_images": int(images.shape[0]),
+        "guidance": given.pop("guidance"), "rlg": rlg if "rlg" in modes else None,
+        "reward_guidance": reward_guidance if "reward" in modes else None,
+        **{k: given[k] for k in ("best_of", "reject_below", "select_reward")},
+        "device": str(bb.device), "dtype": str(next(bb.denoiser.parameters()).dtype).replace("torch.", ""),
+        "versions": versions(), "custom_latents": given["custom_latents"],
+    }

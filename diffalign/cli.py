@@ -1,10 +1,12 @@
-"""The ``diffalign`` command: train, cache, score, sample, tiny."""
+"""The ``diffalign`` command. Every sub-command's flags are declared here (argument parsing lives in this
+file only); the handlers call the library."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from typing import Any
 
 
 def _train(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -15,7 +17,8 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     from .config import load_config
     from .training import train
     from .training.checkpoints import CheckpointError
-    from .training.loop import LaunchError, NonFiniteError, cpu_processes_requested
+    from .training.launch import LaunchError, cpu_processes_requested
+    from .training.loop import NonFiniteError
 
     cfg = load_config(args.config, overrides)
     n = cpu_processes_requested()
@@ -66,7 +69,7 @@ def _relaunch_on_cpu(n: int, argv: list[str]) -> int:
     from torch.distributed.run import main as torchrun
 
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    module = spec.name if spec is not None and spec.name.startswith("diffalign") else "diffalign.cli"
+    module = spec.name if spec is not None else "diffalign.cli"  # `python -m M` relaunches M (e.g. tests.faults)
     print(f"diffalign train: `accelerate launch --cpu` started one process; starting {n} CPU processes "
           "with torchrun (gloo)", file=sys.stderr)
     os.environ["ACCELERATE_USE_CPU"] = "true"
@@ -146,6 +149,86 @@ def _tiny_pairs(args: argparse.Namespace, _: list[str]) -> int:
     return 0
 
 
+def _relabel(args: argparse.Namespace, _: list[str]) -> int:
+    import json
+
+    import rewards
+
+    from .data.relabel import relabel_pairs
+
+    summary = relabel_pairs(args.pairs, rewards.from_spec(args.reward), args.out, tie_margin=args.tie_margin,
+                            resolution=args.resolution, batch_size=args.batch_size, image_root=args.image_root,
+                            on_bad_row=args.on_bad_row, reward_name=args.reward)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _select_experts(args: argparse.Namespace, _: list[str]) -> int:
+    import json
+
+    import rewards
+
+    from .data.relabel import select_experts
+
+    summary = select_experts(args.pool, rewards.from_spec(args.reward), args.out, top=args.top or None,
+                             per_prompt=args.per_prompt, min_score=args.min_score, resolution=args.resolution,
+                             batch_size=args.batch_size, image_root=args.image_root)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _demo(args: argparse.Namespace, _: list[str]) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def _toyworld_build(args: argparse.Namespace, _: list[str]) -> int:
+    import json
+
+    from .toyworld.pretrain import build_toyworld
+
+    print(json.dumps(build_toyworld(args.out, seed=args.seed, minutes_budget=args.minutes), indent=2))
+    return 0
+
+
+def _toyworld_pairs(args: argparse.Namespace, _: list[str]) -> int:
+    import json
+    from pathlib import Path
+
+    import rewards
+
+    from .backbones import load_backbone
+    from .toyworld import shapes
+    from .toyworld.bases import find_base
+    from .toyworld.pairs import make_pairs
+
+    bb = load_backbone(Path(args.model) if args.model else find_base() / "sd")
+    stats = make_pairs(bb, shapes.prompts("train", n=args.prompts, seed=args.seed),
+                       rewards.from_spec(args.reward, paths={"toy_clip": args.clip}), args.out, k=args.k,
+                       seed=args.seed, steps=args.steps, guidance_scale=args.guidance, tie_margin=args.tie_margin,
+                       noise=args.noise)
+    print(json.dumps(stats, indent=2))
+    return 0
+
+
+def _bench_alignment(args: argparse.Namespace, _: list[str]) -> int:
+    from pathlib import Path
+
+    from .bench.alignment import run_bench
+
+    res = run_bench(
+        [o.strip() for o in args.objectives.split(",")], args.seeds, args.out, base=args.base, pairs=args.pairs,
+        reward=args.reward, target=args.target, clip=args.clip, pair_prompts=args.pair_prompts,
+        pair_seed=args.pair_seed, k=args.k, steps=args.steps, curve_every=args.curve_every,
+        batch_size=args.batch_size, lr=args.lr, eval_prompts=args.eval_prompts, eval_seeds=args.eval_seeds,
+    )
+    out = Path(args.out)
+    print((out / "results.md").read_text())
+    print(f"results: {out / 'results.json'}, plot: {out / 'results.png'}")
+    return 0 if res else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffalign", description="Align text-to-image diffusion and flow models.")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -157,13 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'latest' (error if none), 'auto' (latest if any, else start) or a checkpoint folder")
     t.set_defaults(func=_train, allow_overrides=True)
 
-    c = sub.add_parser("cache", help="encode a pair data set into a latent + text-embedding cache")
-    try:
-        from .data.cache import add_cache_arguments
-
-        add_cache_arguments(c)
-    except ImportError:  # pragma: no cover
-        pass
+    c = add_cache_arguments(sub.add_parser("cache", help="encode a pair data set into a latent + text-embedding cache"))
     c.set_defaults(func=_cache)
 
     s = sub.add_parser("sample", help="generate images (CFG, RL guidance, reward guidance, best-of-N)")
@@ -199,13 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=_sample)
 
-    sc = sub.add_parser("score", help="score images with reward models into a CSV")
-    try:
-        from rewards import score_cli
-
-        score_cli.add_arguments(sc)
-    except ImportError:  # the rewards CLI module is optional at import time
-        pass
+    sc = add_score_arguments(sub.add_parser("score", help="score images with reward models into a CSV"))
     sc.set_defaults(func=_score)
 
     ty = sub.add_parser("tiny", help="build and save a tiny offline pipeline (sd15, sd2v, sdxl, sd3, flux)")
@@ -220,14 +291,138 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--seed", type=int, default=0)
     tp.set_defaults(func=_tiny_pairs)
 
-    from .data.relabel import add_relabel_parsers
-    from .toyworld.cli import add_bench_parser, add_toyworld_parser
-
-    add_relabel_parsers(sub)
-
-    add_toyworld_parser(sub)
-    add_bench_parser(sub)
+    _add_data_parsers(sub)
+    _add_demo_parser(sub)
+    _add_toyworld_parsers(sub)
+    _add_bench_parsers(sub)
     return p
+
+
+def add_score_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Flags of ``diffalign score`` (``rewards/score_cli.py`` runs it)."""
+    import torch
+
+    parser.add_argument("--reward", action="append", required=True, metavar="NAME[=PATH][,NAME[=PATH]]",
+                        help="reward(s) to compute: registry name and, where it needs weights, their local path; "
+                        "repeatable")
+    parser.add_argument("--reward-arg", action="append", default=[], metavar="NAME.KEY=VALUE",
+                        help="extra keyword argument for a reward's loader (string value); repeatable")
+    parser.add_argument("--images", required=True, help="image folder or a single image file")
+    parser.add_argument("--prompts", required=True,
+                        help="text file: one prompt per image (sorted file order), or a single prompt for all")
+    parser.add_argument("--out", required=True, help="output CSV path")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    return parser
+
+
+def add_cache_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Flags of ``diffalign cache``."""
+    parser.add_argument("--model", required=True, help="diffusers model directory (the backbone)")
+    parser.add_argument("--data", required=True, help="preference pairs: .parquet/.jsonl file or a directory of them")
+    parser.add_argument("--out", required=True, help="cache directory to create (or resume)")
+    parser.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the model's)")
+    parser.add_argument("--batch-size", type=int, default=8, help="pairs per encoder call (default 8)")
+    parser.add_argument("--shard-size", type=int, default=1024, help="pairs per shard file (default 1024)")
+    parser.add_argument("--image-root", default=None, help="directory for relative image paths (default: the data file's)")
+    parser.add_argument("--ties", choices=["drop", "keep"], default="drop", help="label_0 == 0.5 pairs (default drop)")
+    parser.add_argument("--on-bad-row", choices=["error", "skip"], default="error", help="bad rows (default error)")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="float16", help="storage dtype (default float16)")
+    parser.add_argument("--device", default=None, help="encode on this device (default: cuda when available)")
+    parser.add_argument("--num-workers", type=int, default=0, help="image-decoding DataLoader workers")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N source rows")
+    parser.add_argument("--overwrite", action="store_true", help="replace a cache built from other inputs")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _add_data_parsers(sub: Any) -> None:
+    r = sub.add_parser("relabel", help="relabel pair data with a reward or Ensemble (AI feedback), ties by a margin")
+    r.add_argument("--pairs", required=True, help="Pick-a-Pic-schema pairs: .jsonl/.parquet file or folder")
+    r.add_argument("--reward", required=True, help="NAME[=PATH] or NAME[=PATH]:W,NAME:W (an Ensemble)")
+    r.add_argument("--out", required=True, help="new folder for pairs.jsonl")
+    r.add_argument("--tie-margin", type=float, default=0.0, help="|score_0 - score_1| <= margin is a tie (0.5)")
+    r.add_argument("--on-bad-row", choices=["error", "skip"], default="error")
+    s = sub.add_parser("select-experts", help="top-k images of a pool by a reward, as DRO expert demonstrations")
+    s.add_argument("--pool", required=True, help="pair data (both images of every pair) or a rankings.jsonl")
+    s.add_argument("--reward", required=True, help="NAME[=PATH] or NAME[=PATH]:W,NAME:W (an Ensemble)")
+    s.add_argument("--out", required=True, help="new folder for NNNNNN.png + NNNNNN.txt")
+    s.add_argument("--top", type=int, default=500, help="how many to keep overall (0: all)")
+    s.add_argument("--per-prompt", type=int, default=None, help="keep at most this many per caption")
+    s.add_argument("--min-score", type=float, default=None, help="keep only images scoring above this")
+    for p in (r, s):
+        p.add_argument("--image-root", default=None)
+        p.add_argument("--resolution", type=int, default=256, help="images are scored at this size")
+        p.add_argument("--batch-size", type=int, default=32)
+    r.set_defaults(func=_relabel)
+    s.set_defaults(func=_select_experts)
+
+
+def _add_demo_parser(sub: Any) -> None:
+    from .demo import __doc__ as demo_doc
+
+    d = sub.add_parser("demo", help="preference alignment end to end in the toy world (`make demo`)", description=demo_doc,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--target", default="toy_shape", help="labelling reward = target metric")
+    d.add_argument("--pair-prompts", type=int, default=1024)
+    d.add_argument("--k", type=int, default=4)
+    d.add_argument("--steps", type=int, default=400)
+    d.add_argument("--eval-prompts", type=int, default=96)
+    d.add_argument("--checkpoint-every", type=int, default=100)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=_demo)
+
+
+def _add_toyworld_parsers(sub: Any) -> None:
+    from .toyworld.bases import DEFAULT_BASE
+
+    tw = sub.add_parser("toyworld", help="the embedded toy world: build the base models, sample pairs")
+    tsub = tw.add_subparsers(dest="toy_command", required=True)
+    b = tsub.add_parser("build", help="pretrain the toy SD and flow base models (CPU, minutes)")
+    b.add_argument("--out", default=str(DEFAULT_BASE))
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--minutes", type=float, default=15.0, help="safety cap on the build time")
+    b.set_defaults(func=_toyworld_build)
+    p = tsub.add_parser("pairs", help="sample k images per prompt from a model, label best vs worst by a reward")
+    p.add_argument("--model", default=None, help="diffusers folder (default: the toy SD base)")
+    p.add_argument("--reward", default="toy_shape", help="NAME or NAME:W,NAME:W (an Ensemble)")
+    p.add_argument("--clip", default=None, help="toy CLIP folder for toy_clip")
+    p.add_argument("--out", required=True)
+    p.add_argument("--prompts", type=int, default=512, help="number of train-split prompts")
+    p.add_argument("--k", type=int, default=4, help="images per prompt (also written as a k-way ranking)")
+    p.add_argument("--noise", type=float, default=0.0, help="label flip probability")
+    p.add_argument("--tie-margin", type=float, default=0.0)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_toyworld_pairs)
+
+
+def _add_bench_parsers(sub: Any) -> None:
+    bp = sub.add_parser("bench", help="benchmarks")
+    bsub = bp.add_subparsers(dest="bench_command", required=True)
+    a = bsub.add_parser("alignment", help="objectives side by side in the toy world, over seeds")
+    a.add_argument("--objectives", default="dpo")
+    a.add_argument("--seeds", type=int, default=3)
+    a.add_argument("--out", required=True)
+    a.add_argument("--base", default=None)
+    a.add_argument("--pairs", default=None, help="a pairs folder (default: sampled into OUT/pairs)")
+    a.add_argument("--reward", default="toy_shape", help="labelling reward for the pairs")
+    a.add_argument("--target", default="toy_shape", help="the metric the labelling reward targets")
+    a.add_argument("--clip", default=None)
+    a.add_argument("--pair-prompts", type=int, default=1024)
+    a.add_argument("--pair-seed", type=int, default=0, help="seed of the pair sample (prompts and images)")
+    a.add_argument("--k", type=int, default=4)
+    a.add_argument("--steps", type=int, default=400)
+    a.add_argument("--curve-every", type=int, default=0,
+                   help="score a checkpoint every N steps: steps to reach the first objective's final gain")
+    a.add_argument("--batch-size", type=int, default=16)
+    a.add_argument("--lr", type=float, default=None, help="LoRA learning rate (default: each objective's TOY_LR)")
+    a.add_argument("--eval-prompts", type=int, default=96)
+    a.add_argument("--eval-seeds", type=int, default=2)
+    a.set_defaults(func=_bench_alignment)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,10 +8,12 @@ overrides ``--section.key value`` are parsed as YAML scalars (``--train.lr 1e-4`
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+
+from .objectives import OBJECTIVES, options_model
 
 
 class _Section(BaseModel):
@@ -46,44 +48,23 @@ class DataConfig(_Section):
     limit: int | None = None
 
 
-class DPOConfig(_Section):
-    name: Literal["dpo"] = "dpo"
-    beta: float = 5000.0
-    loss_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
-
-
-class InPOConfig(_Section):
-    name: Literal["inpo"]
-    beta: float = 2000.0
-    inversion_steps: int = Field(10, ge=1)
-    inversion_eta: float = Field(0.1, ge=0)
-
-
-class DROConfig(_Section):
-    name: Literal["dro"]
-    margin: float = Field(0.001, ge=0)
-    rollout_steps: int = Field(20, ge=1)
-    timestep_jitter: float = Field(0.05, ge=0, le=1)
-    buffer_size: int = Field(4, ge=1)
-    refresh_every: int = Field(1, ge=1)
-
-
-class MaPOConfig(_Section):
-    name: Literal["mapo"]
-    beta: float = 0.1
-    snr_value: float = 0.5
-
-
 def _objective_name(v: Any) -> str:
     """The objective's ``name`` picks its section model; a section without a name is DPO."""
     return v.get("name", "dpo") if isinstance(v, dict) else getattr(v, "name", "dpo")
 
 
+# One section model per registered objective, generated from the objective's own fields
+# (diffalign/objectives/base.py): options are declared once, in the objective's file.
 ObjectiveConfig = Annotated[
-    Annotated[DPOConfig, Tag("dpo")] | Annotated[InPOConfig, Tag("inpo")] | Annotated[DROConfig, Tag("dro")]
-    | Annotated[MaPOConfig, Tag("mapo")],
+    Union[tuple(Annotated[options_model(cls), Tag(name)] for name, cls in OBJECTIVES.items())],  # noqa: UP007
     Discriminator(_objective_name),
 ]
+
+
+class RewardConfig(_Section):
+    train: str | None = Field(
+        None, description="the training reward of online objectives, as rewards.from_spec reads it: NAME, "
+        "NAME=PATH, NAME[=PATH]:WEIGHT,... (an Ensemble)")
 
 
 class TrainConfig(_Section):
@@ -126,8 +107,16 @@ class TrainConfig(_Section):
 class RunConfig(_Section):
     model: ModelConfig
     data: DataConfig
-    objective: ObjectiveConfig = DPOConfig()
+    objective: ObjectiveConfig = Field(default_factory=lambda: options_model(OBJECTIVES["dpo"])())
+    reward: RewardConfig = RewardConfig()
     train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _reward_for_online(self) -> RunConfig:
+        if OBJECTIVES[self.objective.name].needs_reward and not self.reward.train:
+            raise ValueError(f"reward.train: objective {self.objective.name!r} trains on a reward; name one "
+                             "(e.g. reward.train: toy_shape)")
+        return self
 
 
 class ConfigError(ValueError):
@@ -138,7 +127,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid config"]
     for e in err.errors():
         loc = list(e["loc"])
-        if loc[:1] == ["objective"] and len(loc) > 1 and loc[1] in ("dpo", "inpo", "dro", "mapo"):
+        if loc[:1] == ["objective"] and len(loc) > 1 and loc[1] in OBJECTIVES:
             loc.pop(1)  # the union's tag: "objective.beta", not "objective.dro.beta"
         key = ".".join(str(p) for p in loc) or "<root>"
         if e["type"] == "extra_forbidden":

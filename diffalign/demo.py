@@ -1,4 +1,4 @@
-"""`make demo`: preference alignment shown in the embedded toy world, end to end on a CPU.
+"""`make demo` (`diffalign demo`): preference alignment shown in the embedded toy world, end to end on a CPU.
 
 1. loads the toy SD base (built by `diffalign toyworld build`, or the copy shipped in the package);
 2. samples k images per training prompt from it and labels best-vs-worst pairs with the target reward;
@@ -18,28 +18,20 @@ import time
 from pathlib import Path
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m diffalign.demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--target", default="toy_shape", help="labelling reward = target metric")
-    p.add_argument("--pair-prompts", type=int, default=1024)
-    p.add_argument("--k", type=int, default=4)
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--eval-prompts", type=int, default=96)
-    p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-
+def run_demo(args: argparse.Namespace) -> int:
+    """The demo with the flags of ``diffalign demo`` (declared in cli.py)."""
     import torch
 
     torch.set_num_threads(1)  # toy models: one thread is as fast, and robust on a shared CPU (docs/BENCHMARKS.md)
 
+    import rewards
+
     from .backbones import load_backbone
+    from .bench.alignment import evaluate_model, plot_curve, reward_curve, run_config
+    from .bench.experiment import ORACLES, TOY_GUIDANCE, load_rewards
     from .toyworld import shapes
-    from .toyworld.alignment import evaluate_model, plot_curve, reward_curve, run_config
-    from .toyworld.cli import DEFAULT_BASE, find_base, parse_reward
-    from .toyworld.experiment import ORACLES, TOY_GUIDANCE, load_rewards, make_pairs
+    from .toyworld.bases import DEFAULT_BASE, find_base
+    from .toyworld.pairs import make_pairs
     from .training import train
     from .utils.images import save_grid
 
@@ -61,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (pairs_dir / "pairs.jsonl").exists():
         print(f"sampling {args.k} images for each of {args.pair_prompts} train prompts; labelling by {args.target}")
         stats = make_pairs(load_backbone(model), shapes.prompts("train", n=args.pair_prompts, seed=args.seed),
-                           parse_reward(args.target), pairs_dir, k=args.k, seed=args.seed)
+                           rewards.from_spec(args.target), pairs_dir, k=args.k, seed=args.seed)
         print(f"  {stats['pairs']} pairs, {stats['ties']} ties")
 
     run_dir = out / "dpo"
@@ -94,7 +86,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"reward curve: {out / 'reward_curve.png'}\nsummary: {out / 'summary.json'}")
     print(f"demo wall time: {time.time() - t_start:.0f} s")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -1,9 +1,9 @@
 """``diffalign score``: score image files with one or more rewards and write a CSV.
 
-    diffalign score --reward NAME=PATH[,NAME=PATH] --images DIR|FILE --prompts FILE --out scores.csv
+    diffalign score --reward NAME[=PATH][,NAME[=PATH]] --images DIR|FILE --prompts FILE --out scores.csv
 
 * ``--reward`` may be repeated; ``NAME`` is a registry name (``rewards.available()``), ``PATH`` its local
-  weights. Extra loader options: ``--reward-arg NAME.KEY=VALUE`` (string values, e.g.
+  weights (rewards that need none, e.g. ``toy_color``, take no path). Extra loader options: ``--reward-arg NAME.KEY=VALUE`` (string values, e.g.
   ``--reward-arg imagereward.tokenizer_path=/models/bert-base-uncased``).
 * ``--images``: a folder (its .png/.jpg/.jpeg/.webp/.bmp files, sorted by name) or a single image file.
 * ``--prompts``: a UTF-8 text file with one prompt per line, matched to the images in sorted order; the line
@@ -31,33 +31,22 @@ class ScoreCLIError(ValueError):
     pass
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--reward", action="append", required=True, metavar="NAME=PATH[,NAME=PATH]",
-                        help="reward(s) to compute: registry name and local weights path; repeatable")
-    parser.add_argument("--reward-arg", action="append", default=[], metavar="NAME.KEY=VALUE",
-                        help="extra keyword argument for a reward's loader (string value); repeatable")
-    parser.add_argument("--images", required=True, help="image folder or a single image file")
-    parser.add_argument("--prompts", required=True,
-                        help="text file: one prompt per image (sorted file order), or a single prompt for all")
-    parser.add_argument("--out", required=True, help="output CSV path")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+def parse_reward_specs(specs: list[str]) -> list[tuple[str, str | None]]:
+    """``(name, path)`` of every reward named by the ``--reward`` values, in the one reward grammar
+    (``rewards.parse_spec``: NAME, NAME=PATH, comma-separated); one CSV column each."""
+    from .spec import parse_spec
 
-
-def parse_reward_specs(specs: list[str]) -> list[tuple[str, str]]:
-    out: list[tuple[str, str]] = []
+    out: list[tuple[str, str | None]] = []
     for spec in specs:
-        for item in spec.split(","):
-            item = item.strip()
-            if not item:
-                continue
-            if "=" not in item:
-                raise ScoreCLIError(f"--reward {item!r}: expected NAME=PATH")
-            name, path = item.split("=", 1)
-            if not name or not path:
-                raise ScoreCLIError(f"--reward {item!r}: expected NAME=PATH")
-            out.append((name.strip(), path.strip()))
+        try:
+            members = parse_spec(spec)
+        except ValueError as e:
+            raise ScoreCLIError(f"--reward: {e}") from None
+        for m in members:
+            if m.weight is not None:
+                raise ScoreCLIError(f"--reward {spec!r}: a weight ({m.name}:{m.weight:g}) has no meaning here "
+                                    "(score writes one column per reward)")
+            out.append((m.name, m.path))
     names = [n for n, _ in out]
     dups = {n for n in names if names.count(n) > 1}
     if dups:
@@ -177,13 +166,3 @@ def run(args: argparse.Namespace) -> int:
         w.writerows(rows)
     print(f"wrote {len(rows)} rows to {out}", file=sys.stderr)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="diffalign score", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,9 +1,9 @@
 """Benchmark: inference-time alignment in the toy world (RL guidance, reward guidance, best-of-N).
 
 1. trains toy LoRAs (or reuses them when OUT/<objective>_seed<s>/final/lora exists) with
-   ``toyworld.alignment.run_config`` for each objective, on the same preference pairs;
+   ``bench.alignment.run_config`` for each objective, on the same preference pairs;
 2. scores exact and approximate RLG against w on held-out prompts (oracles, aesthetic proxy, diversity),
-   every image from the same starting noise as ``toyworld.experiment.evaluate`` uses;
+   every image from the same starting noise as ``bench.experiment.evaluate`` uses;
 3. scores reward-gradient guidance and best-of-N on the base model;
 4. times one image per mode against plain CFG;
 5. writes RESULTS/rlg.json and RESULTS/rlg.png and prints markdown tables.
@@ -45,8 +45,8 @@ def ensure_pairs(args: argparse.Namespace, base: Path) -> Path:
     if not (own / "pairs.jsonl").exists():
         from diffalign.backbones import load_backbone
         from diffalign.toyworld import shapes
-        from diffalign.toyworld.cli import parse_reward
-        from diffalign.toyworld.experiment import make_pairs
+        from diffalign.toyworld.pairs import make_pairs
+        from rewards import from_spec as parse_reward
 
         make_pairs(load_backbone(base), shapes.prompts("train", n=1024, seed=0), parse_reward(TARGET), own, k=4, seed=0)
     return own / "pairs.jsonl"
@@ -57,7 +57,7 @@ def ensure_lora(base: Path, pairs: Path, out: Path, objective: str, seed: int, s
     lora = out / f"{objective}_seed{seed}" / "final" / "lora"
     if (lora / "pytorch_lora_weights.safetensors").exists():
         return lora, None
-    from diffalign.toyworld.alignment import run_config
+    from diffalign.bench.alignment import run_config
     from diffalign.training import train
 
     t0 = time.time()
@@ -67,11 +67,11 @@ def ensure_lora(base: Path, pairs: Path, out: Path, objective: str, seed: int, s
 
 
 class Evaluator:
-    """Held-out prompts x seeds, fixed starting noise (as toyworld.experiment.evaluate), all metrics."""
+    """Held-out prompts x seeds, fixed starting noise (as bench.experiment.evaluate), all metrics."""
 
     def __init__(self, base: Path, n_prompts: int, seeds: int, steps: int, guidance: float) -> None:
+        from diffalign.bench.experiment import ORACLES, load_rewards
         from diffalign.toyworld import shapes
-        from diffalign.toyworld.experiment import ORACLES, load_rewards
 
         self.base, self.seeds, self.steps, self.guidance = base, seeds, steps, guidance
         self.prompts = [p for p in shapes.eval_prompts(n_prompts, seed=1) for _ in range(seeds)]
@@ -86,7 +86,7 @@ class Evaluator:
         """``own_noise``: image i from seed 1234 + i (as best-of-N's first candidate) instead of the
         evaluate() noise."""
         import diffalign
-        from diffalign.toyworld.experiment import diversity, score_all, seeded_latents
+        from diffalign.bench.experiment import diversity, score_all, seeded_latents
 
         own_noise = own_noise or kw.get("best_of", 1) > 1
         lat = None if own_noise else seeded_latents(bb, len(self.prompts), seed=1234)
@@ -101,7 +101,7 @@ class Evaluator:
 def time_modes(ev: Evaluator, lora: Path, n: int, batch: int, repeats: int) -> dict[str, dict[str, float]]:
     """Median seconds per image of each mode (alternating repeats, so background load hits all alike)."""
     import diffalign
-    from diffalign.toyworld.experiment import seeded_latents
+    from diffalign.bench.experiment import seeded_latents
 
     base_bb, bb = ev.backbone(None), ev.backbone(lora)
     prompts = ev.prompts[:n]
@@ -215,9 +215,9 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(1)
 
-    from diffalign.toyworld.alignment import OBJECTIVE_SETTINGS
-    from diffalign.toyworld.cli import find_base
-    from diffalign.toyworld.experiment import TOY_GUIDANCE
+    from diffalign.bench.alignment import OBJECTIVE_SETTINGS
+    from diffalign.bench.experiment import TOY_GUIDANCE
+    from diffalign.toyworld.bases import find_base
 
     t_start = time.time()
     out = Path(args.out)

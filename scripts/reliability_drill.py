@@ -41,7 +41,7 @@ def env(faults: list[dict] | None = None) -> dict[str, str]:
 
 
 def cmd(cfg: Path, run: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "diffalign.training.faults", "train", str(cfg), "--train.output_dir", str(run), *extra]
+    return [sys.executable, "-m", "tests.faults", "train", str(cfg), "--train.output_dir", str(run), *extra]
 
 
 def lora(run: Path) -> dict[str, torch.Tensor]:

@@ -27,6 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .lora import adapters_disabled
+from .modules import unwrap
+
 
 @dataclass
 class Cond:
@@ -99,14 +102,14 @@ class Backbone:
 
     @property
     def denoiser_config(self) -> Any:
-        return _unwrap(self.denoiser).config
+        return unwrap(self.denoiser).config
 
     def to(self, device: torch.device | str, frozen_dtype: torch.dtype | None = None) -> Backbone:
         """Move every component to ``device``; frozen parts (VAE, text encoders) may take ``frozen_dtype``."""
         self.device = torch.device(device)
         for comp in self.pipe.components.values():
             if isinstance(comp, nn.Module):
-                if comp is _unwrap(self.denoiser):
+                if comp is unwrap(self.denoiser):
                     comp.to(self.device)
                 else:
                     comp.to(self.device, dtype=frozen_dtype)
@@ -121,7 +124,7 @@ class Backbone:
         """Train every denoiser weight; keep a frozen copy as the reference."""
         import copy
 
-        self.ref_model = copy.deepcopy(_unwrap(self.denoiser)).requires_grad_(False).eval()
+        self.ref_model = copy.deepcopy(unwrap(self.denoiser)).requires_grad_(False).eval()
         self.denoiser.requires_grad_(True)
 
     # --- schedule facts --------------------------------------------------------------------------
@@ -212,9 +215,7 @@ class Backbone:
         if self.ref_model is not None:
             yield self.ref_model
             return
-        from .lora import adapters_disabled
-
-        with adapters_disabled(_unwrap(self.denoiser)):
+        with adapters_disabled(unwrap(self.denoiser)):
             yield self.denoiser
 
     @torch.no_grad()
@@ -256,13 +257,6 @@ class Backbone:
         """Inference timesteps (model units), set as the family's stock pipeline sets them."""
         scheduler.set_timesteps(steps, device=self.device)
         return scheduler.timesteps
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module under DDP/accelerate wrappers."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
 
 
 def apply_prompt_dropout(

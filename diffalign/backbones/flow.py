@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import Backbone, Cond, _unwrap, drop_prompts
+from .base import Backbone, Cond, drop_prompts
+from .modules import unwrap
 
 
 class FlowBackbone(Backbone):
@@ -83,7 +84,7 @@ class FlowBackbone(Backbone):
         img_ids = self.pipe._prepare_latent_image_ids(b, h // 2, w // 2, xt.device, dtype)
         txt_ids = torch.zeros(c["encoder_hidden_states"].shape[1], 3, device=xt.device, dtype=dtype)
         guidance = None
-        if _unwrap(model).config.guidance_embeds:
+        if unwrap(model).config.guidance_embeds:
             guidance = torch.full((b,), self.embedded_guidance, device=xt.device, dtype=torch.float32)
         out = model(
             hidden_states=packed, timestep=(t / 1000).to(dtype), guidance=guidance,

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .modules import unwrap
+
 if TYPE_CHECKING:
     from .base import Backbone
 
@@ -35,9 +37,7 @@ def add_lora(
     """
     from peft import LoraConfig
 
-    from .base import _unwrap
-
-    model = _unwrap(backbone.denoiser)
+    model = unwrap(backbone.denoiser)
     if has_adapter(model):
         raise ValueError("the denoiser already has a LoRA adapter")
     cfg = LoraConfig(
@@ -69,28 +69,27 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
         model.enable_adapters()
 
 
-def lora_state_dict(backbone: Backbone) -> dict[str, torch.Tensor]:
-    """The adapter's weights in diffusers' key layout (no "default" adapter names)."""
+def lora_state_dict(backbone: Backbone, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The adapter's weights in diffusers' key layout (no "default" adapter names); from ``state_dict``
+    (a full state dict of the denoiser, e.g. gathered by FSDP) when given, else from the model."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    from .base import _unwrap
-
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(_unwrap(backbone.denoiser)))
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unwrap(backbone.denoiser), state_dict=state_dict))
 
 
-def save_lora(backbone: Backbone, out_dir: str | Path) -> Path:
-    """Write ``pytorch_lora_weights.safetensors`` (with rank/alpha metadata) for ``pipe.load_lora_weights``."""
-    from .base import _unwrap
-
-    model = _unwrap(backbone.denoiser)
+def save_lora(backbone: Backbone, out_dir: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` (with rank/alpha metadata) for ``pipe.load_lora_weights``.
+    ``state_dict``: take the weights from this full denoiser state dict instead of the model (FSDP)."""
+    model = unwrap(backbone.denoiser)
     if not has_adapter(model):
         raise RuntimeError("the denoiser has no LoRA adapter to save (full fine-tuning saves the whole model)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = model.peft_config["default"].to_dict()
     meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
-    sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(backbone).items()}
+    sd = lora_state_dict(backbone, state_dict)
+    sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}
     name = backbone.denoiser_name
     type(backbone.pipe).save_lora_weights(
         str(out), **{f"{name}_lora_layers": sd, f"{name}_lora_adapter_metadata": meta}, safe_serialization=True
@@ -103,8 +102,6 @@ def load_lora(backbone: Backbone, lora_dir: str | Path, adapter_name: str = "def
     path = Path(lora_dir)
     if not (path / "pytorch_lora_weights.safetensors").is_file():
         raise FileNotFoundError(f"{path}: no pytorch_lora_weights.safetensors (save one with diffalign's save_lora)")
-    from .base import _unwrap
-
     try:
         backbone.pipe.load_lora_weights(str(path), adapter_name=adapter_name)
     except (ValueError, RuntimeError, KeyError) as e:
@@ -112,6 +109,6 @@ def load_lora(backbone: Backbone, lora_dir: str | Path, adapter_name: str = "def
             f"{path}: this LoRA does not fit the {backbone.family} denoiser "
             f"({type(e).__name__}: {str(e)[:300]})"
         ) from e
-    if adapter_name not in (getattr(_unwrap(backbone.denoiser), "peft_config", None) or {}):
+    if adapter_name not in (getattr(unwrap(backbone.denoiser), "peft_config", None) or {}):
         # diffusers only warns when no key matches (e.g. an SD LoRA given to FLUX)
         raise ValueError(f"{path}: this LoRA does not fit the {backbone.family} denoiser (no key matched its layers)")

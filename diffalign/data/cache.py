@@ -560,26 +560,6 @@ def is_cached_batch(batch: dict[str, Any]) -> bool:
 # --------------------------------------------------------------------------------------------------
 # CLI: diffalign cache
 # --------------------------------------------------------------------------------------------------
-def add_cache_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Flags of ``diffalign cache``."""
-    parser.add_argument("--model", required=True, help="diffusers model directory (the backbone)")
-    parser.add_argument("--data", required=True, help="preference pairs: .parquet/.jsonl file or a directory of them")
-    parser.add_argument("--out", required=True, help="cache directory to create (or resume)")
-    parser.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the model's)")
-    parser.add_argument("--batch-size", type=int, default=8, help="pairs per encoder call (default 8)")
-    parser.add_argument("--shard-size", type=int, default=1024, help="pairs per shard file (default 1024)")
-    parser.add_argument("--image-root", default=None, help="directory for relative image paths (default: the data file's)")
-    parser.add_argument("--ties", choices=["drop", "keep"], default="drop", help="label_0 == 0.5 pairs (default drop)")
-    parser.add_argument("--on-bad-row", choices=["error", "skip"], default="error", help="bad rows (default error)")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float16", help="storage dtype (default float16)")
-    parser.add_argument("--device", default=None, help="encode on this device (default: cuda when available)")
-    parser.add_argument("--num-workers", type=int, default=0, help="image-decoding DataLoader workers")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N source rows")
-    parser.add_argument("--overwrite", action="store_true", help="replace a cache built from other inputs")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser
-
-
 def cache_main(args: argparse.Namespace) -> int:
     """``diffalign cache``: build (or resume) a latent cache; returns the exit status."""
     from diffalign.backbones import load_backbone

@@ -1,21 +1,17 @@
-"""Objectives: each one file, ``loss(batch, backbone) -> (loss, metrics)``; built by name."""
+"""Objectives: each one file, ``loss(batch, backbone) -> (loss, metrics)``, registered by name.
+
+A new objective is one file (a dataclass with ``@register("name")``, see ``base.py``) plus one import
+line below; its options become the config's ``objective:`` section.
+"""
 
 from __future__ import annotations
 
-from typing import Any
-
+from . import dpo, dro, inpo, mapo  # noqa: F401  (one line per objective: importing registers it)
+from .base import OBJECTIVES, Objective, build_objective, options_model, register
 from .dpo import DiffusionDPO
 from .dro import DiffusionDRO
 from .inpo import InPO
 from .mapo import MaPO
 
-OBJECTIVES: dict[str, type] = {"dpo": DiffusionDPO, "inpo": InPO, "dro": DiffusionDRO, "mapo": MaPO}
-
-
-def build_objective(name: str, **kwargs: Any) -> Any:
-    if name not in OBJECTIVES:
-        raise KeyError(f"unknown objective {name!r}; available: {', '.join(sorted(OBJECTIVES))}")
-    return OBJECTIVES[name](**kwargs)
-
-
-__all__ = ["OBJECTIVES", "DiffusionDPO", "DiffusionDRO", "InPO", "MaPO", "build_objective"]
+__all__ = ["OBJECTIVES", "DiffusionDPO", "DiffusionDRO", "InPO", "MaPO", "Objective", "build_objective",
+           "options_model", "register"]

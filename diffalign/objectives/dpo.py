@@ -17,11 +17,14 @@ exactly, L = ln 2, and the implicit accuracy mean[z > 0] = 0 (no credit for ties
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from ..backbones.base import Backbone, Cond, per_sample_mse
+from .base import Objective, register
 
 
 def noised_pairs(batch: dict, backbone: Backbone) -> tuple[torch.Tensor, torch.Tensor, Cond, torch.Tensor]:
@@ -34,16 +37,32 @@ def noised_pairs(batch: dict, backbone: Backbone) -> tuple[torch.Tensor, torch.T
     return backbone.add_noise(x0, noise, t), t, batch["cond"].repeat(2), backbone.target(x0, noise, t)
 
 
+LossType = Literal["sigmoid", "hinge", "ipo"]
+
+
+def preference_losses(z: torch.Tensor, beta: float, loss_type: str) -> torch.Tensor:
+    """Per-pair loss of the implicit reward margin ``z`` (see the module docstring)."""
+    if loss_type == "sigmoid":
+        return -F.logsigmoid(z)
+    if loss_type == "hinge":
+        return F.relu(1 - z)
+    if loss_type == "ipo":
+        return (z / beta - 1 / (2 * beta)) ** 2
+    raise ValueError(f"loss_type must be sigmoid, hinge or ipo, got {loss_type!r}")
+
+
+def weighted_mean(x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``x`` [B], weighted by ``weight`` [B] when given (pair weights of ranked data)."""
+    return (x * weight).sum() / weight.sum() if weight is not None else x.mean()
+
+
+@register("dpo")
 @dataclass
-class DiffusionDPO:
-    beta: float = 5000.0
-    loss_type: str = "sigmoid"  # "sigmoid" | "hinge" | "ipo"
+class DiffusionDPO(Objective):
+    beta: Annotated[float, Field(gt=0)] = 5000.0
+    loss_type: LossType = "sigmoid"
 
-    def __post_init__(self) -> None:
-        if self.loss_type not in ("sigmoid", "hinge", "ipo"):
-            raise ValueError(f"DPO loss_type must be sigmoid, hinge or ipo, got {self.loss_type!r}")
-
-    def loss(self, batch: dict, backbone: Backbone) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: dict, backbone: Backbone) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         xt, t, cond2, target = noised_pairs(batch, backbone)
         err = per_sample_mse(backbone.predict(xt, t, cond2), target)
         err_ref = per_sample_mse(backbone.predict(xt, t, cond2, reference=True), target)
@@ -51,28 +70,22 @@ class DiffusionDPO:
 
     def preference_loss(
         self, err: torch.Tensor, err_ref: torch.Tensor, weight: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The DPO loss from per-sample errors ``[2B]`` (winners first) of the policy and the reference."""
         b = err.shape[0] // 2
         model_diff = err[:b] - err[b:]
         ref_diff = err_ref[:b] - err_ref[b:]
         z = -0.5 * self.beta * (model_diff - ref_diff)
+        loss = weighted_mean(preference_losses(z, self.beta, self.loss_type), weight)
 
-        if self.loss_type == "sigmoid":
-            losses = -F.logsigmoid(z)
-        elif self.loss_type == "hinge":
-            losses = F.relu(1 - z)
-        else:
-            losses = (z / self.beta - 1 / (2 * self.beta)) ** 2
-        loss = (losses * weight).sum() / weight.sum() if weight is not None else losses.mean()
-
+        e = err.detach()
         metrics = {
-            "loss": loss.item(),
-            "implicit_acc": (z > 0).float().mean().item(),
-            "logit": z.mean().item(),
-            "model_mse": err.mean().item(),
-            "ref_mse": err_ref.mean().item(),
-            "model_mse_w": err[:b].mean().item(),
-            "model_mse_l": err[b:].mean().item(),
+            "loss": loss.detach(),
+            "implicit_acc": (z.detach() > 0).float().mean(),
+            "logit": z.detach().mean(),
+            "model_mse": e.mean(),
+            "ref_mse": err_ref.detach().mean(),
+            "model_mse_w": e[:b].mean(),
+            "model_mse_l": e[b:].mean(),
         }
         return loss, metrics

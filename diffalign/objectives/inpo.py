@@ -6,7 +6,7 @@ the inverted latent implies is the target:
 
     x_inv = Invert_th(x0, c, 0 -> t_s)            (<= ``inversion_steps`` no-grad forwards per image)
     eps~  = (x_inv - alpha(t_s) x0) / sigma(t_s)
-    then the official Diffusion-DPO loss with (x_inv, t_s, target(x0, eps~, t_s)) in place of
+    then the Diffusion-DPO loss (``loss_type`` sigmoid, the official one; hinge; ipo) with (x_inv, t_s, target(x0, eps~, t_s)) in place of
     (x_t, t, target(x0, eps, t)):   z = -(beta/2) ((e_th^w - e_th^l) - (e_ref^w - e_ref^l)),  L = -log sigmoid(z)
 
 Winner and loser share t_s but get different eps~; each pair draws its own t_s (the official code
@@ -27,55 +27,30 @@ DPO's four forwards per pair (two with gradient); about 3-6x DPO's time per step
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
+from pydantic import Field
 
 from ..backbones.base import Backbone, Cond, per_sample_mse
-from .dpo import DiffusionDPO
+from ..sampling.trajectories import ddim_invert
+from .base import Objective, register
+from .dpo import DiffusionDPO, LossType
 
 
-@torch.no_grad()
-def ddim_invert(backbone: Backbone, x0: torch.Tensor, cond: Cond, t_target: torch.Tensor, steps: int = 10,
-                eta: float = 0.0) -> torch.Tensor:
-    """Invert clean latents ``x0`` [B,...] to per-sample levels ``t_target`` [B] with the current policy.
-
-    Grid levels tau_k = k * T / steps; while tau_k < t_target a sample moves tau_k -> min(tau_k + T/steps,
-    t_target) using the model output at (x, tau_k); samples already at their target stay put."""
-    x = x0.clone()
-    b = x.shape[0]
-    t_target = t_target.float()
-    stride = backbone.num_train_timesteps / steps
-    for k in range(steps):
-        tau = torch.full((b,), k * stride, device=x.device)
-        active = tau < t_target
-        if not bool(active.any()):
-            break
-        nxt = torch.minimum(tau + stride, t_target)
-        if backbone.prediction_type != "flow":  # discrete timesteps for the UNet
-            tau, nxt = tau.round().long(), nxt.round().long()
-        out = backbone.predict(x, tau, cond)
-        x_new = backbone.ddim_step(out, x, tau, nxt)
-        if eta > 0:
-            a, s = backbone.alpha(tau), backbone.sigma(tau)
-            a2, s2 = backbone.alpha(nxt), backbone.sigma(nxt)
-            var = (s**2 / s2.clamp_min(1e-12) ** 2) * (1 - a2**2 / a.clamp_min(1e-12) ** 2)
-            std = backbone._bcast(eta * var.clamp_min(0).sqrt(), x)
-            x_new = x_new + std.to(x.dtype) * torch.randn(x.shape, device=x.device).to(x.dtype)
-        mask = backbone._bcast(active.float(), x).bool()
-        x = torch.where(mask, x_new, x)
-    return x
-
-
+@register("inpo")
 @dataclass
-class InPO:
-    beta: float = 2000.0
-    inversion_steps: int = 10
-    inversion_eta: float = 0.1
+class InPO(Objective):
+    beta: Annotated[float, Field(gt=0)] = 2000.0
+    inversion_steps: Annotated[int, Field(ge=1)] = 10
+    inversion_eta: Annotated[float, Field(ge=0)] = 0.1
+    loss_type: LossType = "sigmoid"
 
     def __post_init__(self) -> None:
-        self._dpo = DiffusionDPO(beta=self.beta)
+        super().__post_init__()
+        self._dpo = DiffusionDPO(beta=self.beta, loss_type=self.loss_type)
 
-    def loss(self, batch: dict, backbone: Backbone) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: dict, backbone: Backbone) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x0_w, x0_l, cond = batch["latents_w"], batch["latents_l"], batch["cond"]
         b = x0_w.shape[0]
         x0 = torch.cat([x0_w, x0_l])
@@ -90,5 +65,5 @@ class InPO:
         err = per_sample_mse(backbone.predict(x_inv, t, cond2), target)
         err_ref = per_sample_mse(backbone.predict(x_inv, t, cond2, reference=True), target)
         loss, metrics = self._dpo.preference_loss(err, err_ref, batch.get("weight"))
-        metrics["inverted_eps_std"] = eps.float().std().item()
+        metrics["inverted_eps_std"] = eps.detach().float().std()
         return loss, metrics

@@ -7,11 +7,8 @@ IS the current weights at every rollout and no copy is kept at all. With ``refre
 keeps a snapshot of the trainable tensors only (the LoRA factors under LoRA: no second model in
 memory) and swaps it in for the rollout.
 
-``rollout``: deterministic DDIM (``Backbone.ddim_step``; Euler on flows) without CFG, as the official
-sampler runs at guidance 1.0, on a per-sample jittered grid: the first state is pure noise at the
-noisiest level, the following levels are ``T - i T/n - o`` with one offset ``o ~ U[0, jitter T)`` per
-sample (the official code perturbs DPM-Solver++'s 20-step grid by U{0..49}). We use first-order DDIM
-instead of DPM-Solver++ so that per-sample grids need no patched scheduler.
+The rollout itself is ``sampling.trajectories.rollout`` (deterministic DDIM without CFG on a
+per-sample jittered grid).
 """
 
 from __future__ import annotations
@@ -23,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..backbones.base import Backbone, Cond, _unwrap
+from ..backbones.base import Cond
+from ..backbones.modules import trainable
 
 
 class LaggedSampler:
@@ -34,13 +32,9 @@ class LaggedSampler:
         self.updates = 0
         self.snapshot: dict[str, torch.Tensor] = {}
 
-    @staticmethod
-    def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
-        return {n: p for n, p in _unwrap(model).named_parameters() if p.requires_grad}
-
     def refresh(self, model: nn.Module) -> None:
         if self.refresh_every > 1:
-            self.snapshot = {n: p.detach().to("cpu", copy=True) for n, p in self._trainable(model).items()}
+            self.snapshot = {n: p.detach().to("cpu", copy=True) for n, p in trainable(model).items()}
 
     def on_update(self, model: nn.Module) -> None:
         self.updates += 1
@@ -53,7 +47,7 @@ class LaggedSampler:
         if not self.snapshot:
             yield
             return
-        params = self._trainable(model)
+        params = trainable(model)
         current = {n: p.detach().clone() for n, p in params.items()}
         with torch.no_grad():
             for n, p in params.items():
@@ -70,47 +64,6 @@ class LaggedSampler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.updates, self.snapshot = int(state["updates"]), dict(state["snapshot"])
-
-
-def rollout_levels(backbone: Backbone, batch: int, steps: int, jitter: float, device: torch.device) -> torch.Tensor:
-    """Per-sample levels ``[steps + 1, B]`` from the noisiest level down to 0 (clean)."""
-    big_t = backbone.num_train_timesteps
-    stride = big_t / steps
-    if backbone.prediction_type != "flow":  # whole timesteps, below one stride (official: randint(0, 50))
-        offset = torch.randint(0, int(min(jitter * big_t, stride - 1)) + 1, (batch,)).float()
-    else:
-        offset = torch.rand(batch) * min(jitter * big_t, stride * 0.999)
-    i = torch.arange(steps + 1, dtype=torch.float32)[:, None]
-    levels = (big_t - i * stride - offset[None]).clamp(0, backbone.max_timestep)
-    levels[0] = backbone.max_timestep
-    levels[-1] = 0
-    if backbone.prediction_type != "flow":
-        levels = levels.floor().clamp_min(0)
-        levels[1:-1] = levels[1:-1].clamp_min(1)
-    return levels.to(device)
-
-
-@torch.no_grad()
-def rollout(backbone: Backbone, cond: Cond, steps: int, jitter: float) -> dict[str, torch.Tensor]:
-    """Sample from noise with the model as it is now; returns the trajectory ``{"t": [S,B], "xt": [S,B,...],
-    "pred": [S,B,...], "x0": [B,...]}``, where ``pred[i]`` is the model output the sampler used at
-    state ``xt[i]`` (the state before step i) and level ``t[i]``."""
-    b = len(cond)
-    shape = backbone.latent_shape(b)
-    dtype = next(_unwrap(backbone.denoiser).parameters()).dtype
-    x = torch.randn(shape, device=backbone.device).to(dtype)
-    levels = rollout_levels(backbone, b, steps, jitter, backbone.device)
-    if backbone.prediction_type != "flow":
-        levels = levels.long()  # UNet timesteps are integers
-    ts, xs, preds = [], [], []
-    for i in range(steps):
-        t, t_next = levels[i], levels[i + 1]
-        out = backbone.predict(x, t, cond)
-        ts.append(t)
-        xs.append(x)
-        preds.append(out)
-        x = backbone.ddim_step(out, x, t, t_next)
-    return {"t": torch.stack(ts), "xt": torch.stack(xs), "pred": torch.stack(preds), "x0": x}
 
 
 class ReplayBuffer:

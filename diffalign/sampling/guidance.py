@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..backbones.base import Backbone, Cond, _unwrap
+from ..backbones.base import Backbone, Cond
+from ..backbones.modules import unwrap
 from .solvers import guided_output
 
 RLG_MODES = ("exact", "approx")
@@ -49,7 +50,7 @@ def rlg_combine(out_base: torch.Tensor, out_tuned: torch.Tensor, w: float) -> to
 def lora_layers(model: nn.Module) -> list[nn.Module]:
     from peft.tuners.lora import LoraLayer
 
-    return [m for m in _unwrap(model).modules() if isinstance(m, LoraLayer)]
+    return [m for m in unwrap(model).modules() if isinstance(m, LoraLayer)]
 
 
 @contextlib.contextmanager
@@ -224,3 +225,31 @@ class RewardGuidance:
         if self.normalize:
             g = g / g.flatten(1).pow(2).mean(1).sqrt().clamp_min(1e-12).reshape(-1, *[1] * (g.ndim - 1))
         return out + x0_shift_as_output(backbone, t, lam * g).to(out.dtype)
+
+
+class GuidanceHooks:
+    """Builds the guided model call for each batch of prompts: RL guidance, reward guidance, or both
+    (reward guidance wrapping RLG), as ``sample_images(model_output=...)`` takes it. ``forwards`` counts
+    the denoiser calls of every RLG hook built."""
+
+    def __init__(self, modes: set[str], *, rlg_scale: float = 1.0, rlg_mode: str = "exact", zero_init_step: int = 0,
+                 rlg_batched: bool = True, reward: Any = None, reward_scale: float = 1.0,
+                 reward_schedule: str | Callable[[float], float] = "constant", reward_normalize: bool = False) -> None:
+        self.modes, self.rlg_hooks = modes, []
+        self.rlg = {"w": rlg_scale, "mode": rlg_mode, "zero_init_step": zero_init_step, "batch_models": rlg_batched}
+        self.reward = {"reward": reward, "scale": reward_scale, "schedule": reward_schedule, "normalize": reward_normalize}
+
+    def __call__(self, prompts: list[str]) -> Callable[..., torch.Tensor] | None:
+        hook: Any = None
+        if "rlg" in self.modes:
+            hook = RLGuidance(**self.rlg)
+            self.rlg_hooks.append(hook)
+        if "reward" in self.modes:
+            r = self.reward
+            hook = RewardGuidance(r["reward"], prompts, r["scale"], schedule=r["schedule"], normalize=r["normalize"],
+                                  inner=hook)
+        return hook
+
+    @property
+    def forwards(self) -> int:
+        return sum(h.forwards for h in self.rlg_hooks)

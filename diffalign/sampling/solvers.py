@@ -154,3 +154,32 @@ def generate(
         height=height, width=width, scheduler=scheduler, progress=progress, latents=latents,
     )
     return backbone.decode_latents(lat)
+
+
+def sample_images(
+    backbone: Backbone, prompts: list[str], seeds: list[int], *, steps: int, guidance_scale: float,
+    negative_prompt: str = "", scheduler: Any | None = None, height: int | None = None, width: int | None = None,
+    latents: torch.Tensor | None = None, batch_size: int = 4,
+    model_output: Callable[[list[str]], Callable[..., torch.Tensor] | None] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Images ``[N,3,H,W]`` in [0,1] on the CPU, one per prompt, in batches of ``batch_size``: image i
+    starts from ``noise_for_seeds([seeds[i]])`` (or ``latents[i]``), so it does not depend on the batch.
+    ``model_output(batch_prompts)`` may return a guided model call for that batch (RLG, reward guidance);
+    a stochastic scheduler's step noise comes from the batch's first seed. ``on_batch(n)`` reports progress."""
+    out = []
+    for j in range(0, len(prompts), batch_size):
+        ps, ss = prompts[j : j + batch_size], seeds[j : j + batch_size]
+        noise = latents[j : j + batch_size] if latents is not None else noise_for_seeds(backbone, ss, height, width)
+        cond = backbone.encode_prompts(ps)
+        uncond = backbone.negative_cond(negative_prompt, len(ps)) if guidance_scale != 1.0 else None
+        lat = sample_latents(
+            backbone, cond, uncond, steps=steps, guidance_scale=guidance_scale, latents=noise, scheduler=scheduler,
+            generator=torch.Generator("cpu").manual_seed(ss[0]), height=height, width=width,
+            model_output=model_output(ps) if model_output else None,
+        )
+        with torch.no_grad():
+            out.append(backbone.decode_latents(lat).float().cpu())
+        if on_batch:
+            on_batch(len(ps))
+    return torch.cat(out)

@@ -21,6 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
+
+from ..backbones.base import Backbone
 
 ImageBatch = torch.Tensor | np.ndarray | Sequence[Any]
 
@@ -152,3 +155,75 @@ def rank_labels(
         u = torch.rand(s.shape, generator=generator, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
         s = s - noise * torch.log(-torch.log(u))
     return torch.argsort(-s, dim=-1, stable=True)
+
+
+TOY_GUIDANCE = 5.0  # the CFG scale the toy SD base samples best at (base_report.json)
+
+
+def seeded_latents(backbone: Backbone, n: int, seed: int, offset: int = 0) -> torch.Tensor:
+    shape = backbone.latent_shape(1)[1:]
+    return torch.stack([
+        torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + offset + i)) for i in range(n)
+    ])
+
+
+@torch.no_grad()
+def sample_images(
+    backbone: Backbone, prompts: list[str], seed: int = 0, steps: int = 20, guidance_scale: float = TOY_GUIDANCE,
+    batch_size: int = 64, progress: bool = False, desc: str = "sampling",
+) -> torch.Tensor:
+    """One image per prompt, ``[N,3,H,W]`` in [0,1]; image i starts from noise seeded by (seed, i)."""
+    from ..sampling.solvers import generate
+
+    out = []
+    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
+        chunk = prompts[i : i + batch_size]
+        out.append(generate(backbone, chunk, steps=steps, guidance_scale=guidance_scale,
+                            latents=seeded_latents(backbone, len(chunk), seed, offset=i)).cpu())
+    return torch.cat(out)
+
+
+def make_pairs(
+    backbone: Backbone, prompts: list[str], reward: Any, out_dir: str | Path, k: int = 4, seed: int = 0,
+    steps: int = 20, guidance_scale: float = TOY_GUIDANCE, tie_margin: float = 0.0, noise: float = 0.0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """For each prompt sample ``k`` images, score them with ``reward`` (any Reward or Ensemble) and write
+    the best-vs-worst pair (Pick-a-Pic schema, ``pairs.jsonl``) and the full k-way ranking
+    (``rankings.jsonl``). Pairs whose scores differ by at most ``tie_margin`` are written as ties;
+    ``noise`` flips each decided label with that probability."""
+    out = Path(out_dir)
+    if (out / "pairs.jsonl").exists():
+        raise FileExistsError(f"{out / 'pairs.jsonl'} exists; choose a new folder")
+    expanded = [p for p in prompts for _ in range(k)]
+    imgs = sample_images(backbone, expanded, seed=seed, steps=steps, guidance_scale=guidance_scale,
+                         progress=progress, desc="sampling pairs")
+    with torch.no_grad():
+        scores = torch.cat([reward(imgs[i : i + 256], expanded[i : i + 256]).float().cpu()
+                            for i in range(0, len(expanded), 256)]).view(len(prompts), k)
+    imgs = imgs.view(len(prompts), k, *imgs.shape[1:])
+    rank = rank_labels(scores)
+    best, worst = rank[:, 0], rank[:, -1]
+    ar = torch.arange(len(prompts))
+    g = torch.Generator().manual_seed(seed)
+    swap = torch.rand(len(prompts), generator=g) < 0.5  # the winner is jpg_0 or jpg_1 at random
+    i0 = torch.where(swap, worst, best)
+    i1 = torch.where(swap, best, worst)
+    labels = label_pairs(scores[ar, i0], scores[ar, i1], tie_margin=tie_margin, noise=noise, generator=g)
+    write_pairs(out, prompts, imgs[ar, i0], imgs[ar, i1], labels)
+    (out / "images_k").mkdir(exist_ok=True)
+    with open(out / "rankings.jsonl", "w") as f:
+        from torchvision.utils import save_image
+
+        for j, p in enumerate(prompts):
+            names = []
+            for m in range(k):
+                name = f"images_k/{j:06d}_{m}.png"
+                save_image(imgs[j, m], out / name)
+                names.append(name)
+            f.write(json.dumps({"caption": p, "images": names, "scores": scores[j].tolist(),
+                                "ranking": rank[j].tolist()}) + "\n")
+    stats = {"pairs": len(prompts), "ties": int((labels == 0.5).sum()), "k": k,
+             "mean_score": float(scores.mean()), "best_minus_worst": float((scores.max(1).values - scores.min(1).values).mean())}
+    (out / "pairs_meta.json").write_text(json.dumps(stats, indent=2))
+    return stats

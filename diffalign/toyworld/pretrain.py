@@ -565,20 +565,3 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, float):
         return round(obj, 6)
     return obj
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    ap = argparse.ArgumentParser(description="Pretrain the toy world's SD and SD3 base models (CPU).")
-    ap.add_argument("out_dir")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--minutes", type=float, default=15.0, help="safety cap on the build time")
-    args = ap.parse_args(argv)
-    report = build_toyworld(args.out_dir, seed=args.seed, minutes_budget=args.minutes)
-    summary = {k: {s: report[k][s] for s in ("train", "heldout")} for k in ("sd", "sd3")}
-    print(json.dumps({"total_minutes": report["total_minutes"], **summary}, indent=2))
-
-
-if __name__ == "__main__":
-    main()

@@ -4,6 +4,8 @@ images, on the backbone's device."""
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -47,3 +49,22 @@ class SeededItems(torch.utils.data.Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_033 + int(i))
             return self.dataset[i]
+
+
+def batch_seed(seed: int, index: int) -> int:
+    """The seed of global micro-batch ``index`` (``train.rng: per_batch``)."""
+    h = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") >> 1
+
+
+def endless_batches(loader: Any, dataset: SeededItems, first_micro_step: int = 0) -> Iterator[dict]:
+    """Endless batches; epoch e is shuffled by (seed, e), so a resumed run sees the same order."""
+    from accelerate import skip_first_batches
+
+    n = len(loader)
+    epoch, skip = divmod(first_micro_step, n)
+    while True:
+        loader.set_epoch(epoch)
+        dataset.epoch = epoch
+        yield from (skip_first_batches(loader, skip) if skip else loader)
+        epoch, skip = epoch + 1, 0

@@ -102,3 +102,17 @@ def build_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter], num_proces
         return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False,
                          clip_threshold=1.0, weight_decay=t.weight_decay)
     return torch.optim.AdamW(params, lr=lr, betas=t.adam_betas, weight_decay=t.weight_decay)
+
+
+def build_reward(cfg: RunConfig, device: torch.device | str = "cpu") -> Any:
+    """The training reward of an online objective (``reward.train``, in ``rewards.from_spec``'s grammar),
+    on ``device``; objectives receive it built and never import ``rewards``."""
+    import rewards
+
+    if not cfg.reward.train:
+        raise ValueError(f"reward.train: objective {cfg.objective.name!r} needs a reward")
+    try:
+        reward = rewards.from_spec(cfg.reward.train)
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        raise ValueError(f"reward.train {cfg.reward.train!r}: {e}") from e
+    return reward.to(device) if isinstance(reward, torch.nn.Module) else reward

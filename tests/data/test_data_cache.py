@@ -14,12 +14,12 @@ from torch.utils.data import DataLoader
 
 import diffalign.backbones
 from diffalign.backbones.base import Cond
+from diffalign.cli import add_cache_arguments
 from diffalign.data import (
     CachedPairs,
     CacheError,
     PreferencePairs,
     StaleCacheError,
-    add_cache_arguments,
     build_cache,
     cache_main,
     collate_cached,

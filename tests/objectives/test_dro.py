@@ -3,7 +3,8 @@ import torch
 
 from diffalign.backbones.base import Cond
 from diffalign.objectives import DiffusionDRO
-from diffalign.objectives.replay import LaggedSampler, ReplayBuffer, rollout, rollout_levels
+from diffalign.objectives.replay import LaggedSampler, ReplayBuffer
+from diffalign.sampling.trajectories import rollout, rollout_levels
 
 from .conftest import FAMILIES, perturb_lora
 
@@ -119,7 +120,10 @@ def test_loss_equals_the_margin_at_init_and_moves_the_policy(family, make_backbo
     bb = make_backbone(family, lora=True)
     dro = DiffusionDRO(margin=0.001, rollout_steps=3)
     dro.setup(bb)
-    loss, m = dro.loss(_experts(bb), bb)
+    batch = _experts(bb)
+    dro.collect(batch, bb)  # the loop calls this before every loss: a rollout into the buffer
+    assert len(dro.buffer) == 1
+    loss, m = dro.loss(batch, bb)
     # policy == reference: both relative errors are exactly 0, so the hinge is the margin
     assert loss.item() == pytest.approx(0.001, abs=1e-7) and m["rel_err_expert"] == 0.0
     loss.backward()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from diffalign.objectives import InPO
-from diffalign.objectives.inpo import ddim_invert
+from diffalign.sampling.trajectories import ddim_invert
 
 from .conftest import FAMILIES, perturb_lora
 

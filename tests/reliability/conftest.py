@@ -52,7 +52,7 @@ def run_cli(args: list[str], timeout: float = 180, faults: list[dict] | None = N
     """``python -m diffalign.cli ARGS`` (or the fault-injecting wrapper) in a subprocess."""
     env = cli_env(DIFFALIGN_FAULTS=json.dumps(faults)) if faults else cli_env()
     if faults:
-        module = "diffalign.training.faults"
+        module = "tests.faults"
     return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
 

@@ -17,7 +17,7 @@ from diffalign.training import train
 def _launch(h, args, faults=None, config_file=None, timeout=300):
     cmd = [h.accelerate_bin(), "launch"]
     cmd += ["--config_file", config_file] if config_file else ["--num_processes", "2", "--cpu"]
-    module = "diffalign.training.faults" if faults else "diffalign.cli"
+    module = "tests.faults" if faults else "diffalign.cli"
     env = h.cli_env(DIFFALIGN_FAULTS=json.dumps(faults)) if faults else h.cli_env()
     return subprocess.run([*cmd, "-m", module, *args], cwd=h.REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)

@@ -9,8 +9,9 @@ from safetensors.torch import load_file
 
 from diffalign.cli import main as cli_main
 from diffalign.config import load_config
-from diffalign.training import faults, loop, train
+from diffalign.training import loop, train
 from diffalign.training.loop import NonFiniteError
+from tests import faults
 
 
 def _inject(monkeypatch, spec):

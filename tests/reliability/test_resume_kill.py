@@ -27,7 +27,7 @@ def test_kill9_then_resume_matches_a_straight_run(objective, tmp_path, h):
     train(load_config(cfg, ["--train.output_dir", str(straight)]))
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "diffalign.training.faults", "train", str(cfg), "--train.output_dir", str(killed)],
+        [sys.executable, "-m", "tests.faults", "train", str(cfg), "--train.output_dir", str(killed)],
         cwd=h.REPO, env=h.cli_env(DIFFALIGN_FAULTS='[{"call": 7, "fault": "sleep", "seconds": 600}]'),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )

@@ -10,7 +10,8 @@ import pytest
 
 from diffalign.config import load_config
 from diffalign.training import checkpoints as ckpt
-from diffalign.training import faults, loop, train
+from diffalign.training import loop, train
+from tests import faults
 
 
 def _inject(monkeypatch, spec):
@@ -26,7 +27,7 @@ def test_sigterm_saves_exits_cleanly_and_resume_matches_a_straight_run(tmp_path,
 
     # step 3 sleeps 3 s inside the loss; SIGTERM arrives then, from outside
     proc = subprocess.Popen(
-        [sys.executable, "-m", "diffalign.training.faults", "train", str(cfg), "--train.output_dir", str(run)],
+        [sys.executable, "-m", "tests.faults", "train", str(cfg), "--train.output_dir", str(run)],
         cwd=h.REPO, env=h.cli_env(DIFFALIGN_FAULTS='[{"call": 3, "fault": "sleep", "seconds": 3}]'),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import rewards
+from diffalign.cli import add_score_arguments
 from rewards import score_cli
 from rewards.testing import make_test_images, tiny_hf_clip
 
@@ -41,7 +42,7 @@ def setup(tmp_path, clip_tok_dir):
 
 def _run(*argv):
     p = argparse.ArgumentParser()
-    score_cli.add_arguments(p)
+    add_score_arguments(p)
     return score_cli.run(p.parse_args([*argv, "--no-progress"]))
 
 

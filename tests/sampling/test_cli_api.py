@@ -13,7 +13,7 @@ import diffalign
 from diffalign.backbones.lora import save_lora
 from diffalign.backbones.tiny import build_tiny_pipeline, save_tiny
 from diffalign.cli import main
-from diffalign.toyworld.cli import parse_reward
+from rewards import from_spec as parse_reward
 
 from .conftest import tiny
 

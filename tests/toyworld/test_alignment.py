@@ -3,8 +3,8 @@
 import json
 
 from diffalign.backbones.tiny import save_tiny
+from diffalign.bench.alignment import bench_alignment, run_config
 from diffalign.data.synthetic import write_rendered_pairs
-from diffalign.toyworld.alignment import bench_alignment, run_config
 
 
 def test_bench_alignment_writes_table_json_and_plot(tmp_path):
@@ -33,9 +33,9 @@ def test_run_config_uses_the_objective_settings(tmp_path):
 def test_bench_compares_objectives_with_curves_and_steps_to_reach(tmp_path):
     """DPO and DRO from the same base and pair sample: DRO's experts are the pool's best images; each
     run scores its checkpoints and reports when it reaches DPO's final mean on the target."""
+    from diffalign.bench.alignment import steps_to_reach
     from diffalign.data.relabel import select_experts
-    from diffalign.toyworld.alignment import steps_to_reach
-    from diffalign.toyworld.cli import parse_reward
+    from rewards import from_spec as parse_reward
 
     model = save_tiny("sd15", tmp_path / "m")
     pairs = write_rendered_pairs(tmp_path / "pairs", n=8, seed=0)
@@ -54,7 +54,7 @@ def test_bench_compares_objectives_with_curves_and_steps_to_reach(tmp_path):
 
 
 def test_steps_to_reach_is_the_first_checkpoint_at_the_level():
-    from diffalign.toyworld.alignment import steps_to_reach
+    from diffalign.bench.alignment import steps_to_reach
 
     pts = [{"step": 0, "m": 0.9}, {"step": 50, "m": 0.5}, {"step": 100, "m": 0.7}, {"step": 150, "m": 0.8}]
     assert steps_to_reach(pts, "m", 0.7) == 100  # the base (step 0) never counts

@@ -8,8 +8,9 @@ import torch
 import rewards
 from diffalign.backbones import load_backbone
 from diffalign.backbones.tiny import build_tiny_pipeline
+from diffalign.bench.experiment import diversity, evaluate, sample_images
 from diffalign.data.pairs import PreferencePairs
-from diffalign.toyworld.experiment import diversity, evaluate, make_pairs, sample_images
+from diffalign.toyworld.pairs import make_pairs
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,9 @@ import torch
 from ..backbones import load_backbone
 from ..backbones.lora import load_lora
 from ..config import RunConfig
+from ..toyworld import shapes
+from ..toyworld.bases import find_base
+from ..toyworld.pairs import make_pairs
 from .experiment import ORACLES, TOY_GUIDANCE, evaluate, load_rewards
 
 # objective name -> config overrides that differ from the DPO defaults (later issues add theirs)
@@ -271,3 +274,26 @@ def plot_reach(results: dict[str, Any], path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def run_bench(objectives: list[str], seeds: int, out: str | Path, *, base: str | Path | None = None,
+              pairs: str | Path | None = None, reward: str = "toy_shape", target: str = "toy_shape",
+              clip: str | None = None, pair_prompts: int = 1024, pair_seed: int = 0, k: int = 4, steps: int = 400,
+              curve_every: int = 0, batch_size: int = 16, lr: float | None = None, eval_prompts: int = 96,
+              eval_seeds: int = 2) -> dict[str, Any]:
+    """``diffalign bench alignment``: sample pairs from the toy SD base (unless ``pairs`` is given),
+    train each objective over ``seeds`` and compare them on held-out prompts."""
+    import rewards
+
+    base, out = find_base(base), Path(out)
+    pairs_dir = Path(pairs) if pairs else out / "pairs"
+    labeller = rewards.from_spec(reward, paths={"toy_clip": clip})
+    if not pairs and not (pairs_dir / "pairs.jsonl").exists():
+        make_pairs(load_backbone(base / "sd"), shapes.prompts("train", n=pair_prompts, seed=pair_seed),
+                   labeller, pairs_dir, k=k, seed=pair_seed)
+    experts = toy_experts(pairs_dir, labeller) if "dro" in objectives else None
+    return bench_alignment(
+        base / "sd", pairs_dir / "pairs.jsonl", objectives, seeds, out, shapes.eval_prompts(eval_prompts, seed=1),
+        target=target, steps=steps, batch_size=batch_size, lr=lr, eval_seeds=eval_seeds, clip_path=clip,
+        curve_every=curve_every, experts=experts,
+    )

@@ -1,9 +1,9 @@
 """Fault injection for the reliability tests and drill: run ``diffalign`` with faults at chosen steps.
 
     DIFFALIGN_FAULTS='[{"call": 3, "fault": "nan_loss"}, {"call": 5, "fault": "sigterm", "rank": 1}]' \\
-        python -m diffalign.training.faults train CONFIG [--resume latest] [--section.key VALUE ...]
+        python tests/faults.py train CONFIG [--resume latest] [--section.key VALUE ...]
 
-(also under ``accelerate launch ... -m diffalign.training.faults train CONFIG``). ``call`` counts the
+(also under ``accelerate launch ... tests/faults.py train CONFIG``). ``call`` counts the
 objective's ``loss`` calls in this process from 1: the optimizer step when ``grad_accum`` is 1 and
 the run starts from scratch (a resumed process counts from 1 again). ``rank`` (optional) limits a
 fault to one process. Faults, applied right after ``loss`` returns:
@@ -14,7 +14,7 @@ fault to one process. Faults, applied right after ``loss`` returns:
     sigterm, sigint      the process signals itself
     sigkill              the process kills itself (kill -9: no handler, no cleanup)
 
-Nothing here is imported by a normal run.
+It lives with the tests, outside the package: nothing here is imported by a normal run.
 """
 
 from __future__ import annotations
@@ -84,13 +84,13 @@ def faulty_builder(build: Any, faults: list[dict[str, Any]], rank: int | None = 
 
 def install(faults: list[dict[str, Any]], rank: int | None = None) -> None:
     """Make the training loop wrap its objective in :class:`FaultyObjective` (for this process)."""
-    from . import loop
+    from diffalign.training import loop
 
     loop.build_objective = faulty_builder(loop.build_objective, faults, rank)  # type: ignore[assignment]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..cli import main as cli_main
+    from diffalign.cli import main as cli_main
 
     install(json.loads(os.environ.get("DIFFALIGN_FAULTS", "[]")))
     return cli_main(argv)
