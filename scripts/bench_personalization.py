@@ -57,7 +57,7 @@ def ensure_clip(out: Path, seconds: float) -> Path:
 
 def pool_images(bb: Any, prompts: list[str], seed: int) -> torch.Tensor:
     """Two base samples per prompt: [N, 2, 3, H, W]."""
-    from diffalign.toyworld.experiment import sample_images
+    from diffalign.toyworld.pairs import sample_images
 
     expanded = [p for p in prompts for _ in range(2)]
     imgs = sample_images(bb, expanded, seed=seed, steps=POOL_STEPS, guidance_scale=GUIDANCE, progress=True, desc="pool")
@@ -92,54 +92,39 @@ def encoder_for(clip_dir: Path) -> Any:
     return CLIPPairEncoder.from_path(clip_dir)
 
 
+def ppd_config(args: argparse.Namespace, data: dict[str, Any], clip_dir: Path, seed: int, run: Path) -> Any:
+    """The training loop's config for PPD on the seen users' pairs: only the injection trains (the LoRA
+    the toy recipe attaches stays frozen at zero, so with it disabled the reference is the base)."""
+    from diffalign.config import RunConfig
+    from diffalign.toyworld.pairs import TOY_GUIDANCE
+
+    return RunConfig.model_validate({
+        "model": {"path": str(BASE), "lora": True, "lora_rank": 4},
+        "data": {"train": str(data["train"]), "prompt_dropout": 0.1, "random_flip": False},
+        "objective": {"name": "ppd", "beta": args.beta, "encoder": f"clip={clip_dir}",
+                      "embed_dim": encoder_for(clip_dir).dim, "k": args.shots, "embedding_dropout": args.dropout,
+                      "tokens": args.tokens},
+        "train": {
+            "output_dir": str(run), "seed": seed, "steps": args.steps, "batch_size": args.batch, "lr": args.lr,
+            "lr_scheduler": "constant_with_warmup", "warmup_steps": max(1, args.steps // 20), "weight_decay": 0.0,
+            "checkpoint_every": 0, "keep_checkpoints": 0, "sample_every": 0, "log_every": 25, "progress": False,
+            "sample_prompts": ["a red circle", "a blue square"], "sample_steps": 20, "sample_guidance": TOY_GUIDANCE,
+        },
+    })
+
+
 def train_ppd(args: argparse.Namespace, data: dict[str, Any], clip_dir: Path, seed: int, run: Path) -> Path:
-    """Multi-user DPO with the injection; only the injection trains (the base has no LoRA)."""
-    path = run / "user_injection.safetensors"
+    """Multi-user DPO with the injection, through the training loop (``diffalign train`` with this config)."""
+    path = run / "final" / "user_injection.safetensors"
     if path.exists():
         return path
-    from diffalign.data.pairs import PreferencePairs
-    from diffalign.data.users import UserPairs, collate_user_pairs
-    from diffalign.objectives.ppd import PersonalizedDPO
-    from diffalign.personalization.inject import injection_parameters, save_injection, with_user
-    from diffalign.training.batches import SeededItems
+    from diffalign.training import train
 
     log(f"PPD seed {seed}: training {args.steps} steps")
-    bb = load_base()
-    enc = encoder_for(clip_dir)
-    torch.manual_seed(seed)
-    obj = PersonalizedDPO(beta=args.beta, encoder=f"clip={clip_dir}", embed_dim=enc.dim, k=args.shots,
-                          embedding_dropout=args.dropout, tokens=args.tokens)
-    obj.setup(bb)
-    ds = UserPairs(PreferencePairs(data["train"], resolution=32, random_flip=False), enc, k=args.shots,
-                   embedding_dropout=args.dropout, progress=False)
-    loader = torch.utils.data.DataLoader(SeededItems(ds, seed), batch_size=args.batch, shuffle=True, drop_last=True,
-                                         collate_fn=collate_user_pairs,
-                                         generator=torch.Generator().manual_seed(seed))
-    params = injection_parameters(bb)
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    step, t0, hist = 0, time.time(), []
-    while step < args.steps:
-        for batch in loader:
-            with torch.no_grad():
-                b = batch["pixels_w"].shape[0]
-                lat = bb.encode_images(torch.cat([batch["pixels_w"], batch["pixels_l"]]))
-            cond = with_user(bb.encode_prompts(batch["captions"], dropout=0.1), batch["cond_extra"]["user_embedding"])
-            loss, m = obj.loss({"latents_w": lat[:b], "latents_l": lat[b:], "cond": cond, "weight": batch["weight"]}, bb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            hist.append({k: float(v) for k, v in m.items()})
-            step += 1
-            if step % 50 == 0:
-                last = hist[-50:]
-                log(f"  step {step}: loss {sum(h['loss'] for h in last) / 50:.4f} "
-                    f"acc {sum(h['implicit_acc'] for h in last) / 50:.3f}")
-            if step >= args.steps:
-                break
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "train.json").write_text(json.dumps({"seconds": time.time() - t0, "steps": step, "history": hist}))
-    return save_injection(bb, path)
+    t0 = time.time()
+    res = train(ppd_config(args, data, clip_dir, seed, run), resume="auto")
+    log(f"PPD seed {seed}: done in {time.time() - t0:.0f} s, metrics {res['metrics']}")
+    return path
 
 
 def train_dpo(args: argparse.Namespace, data: dict[str, Any], seed: int, out: Path) -> Path:
@@ -147,7 +132,7 @@ def train_dpo(args: argparse.Namespace, data: dict[str, Any], seed: int, out: Pa
     lora = out / f"dpo_seed{seed}" / "final" / "lora"
     if (lora / "pytorch_lora_weights.safetensors").exists():
         return lora
-    from diffalign.toyworld.alignment import run_config
+    from diffalign.bench.alignment import run_config
     from diffalign.training import train
 
     log(f"DPO seed {seed}: training {args.dpo_steps} steps on the pooled pairs")
@@ -184,7 +169,7 @@ def profiles(users: list[Any], choices: dict[str, Any], enc: Any, k: int, seed: 
 
 def sample(bb: Any, prompts: list[str], emb: torch.Tensor | None, noise_seed: int, batch: int = 64) -> torch.Tensor:
     from diffalign.personalization.inject import generate_personalized
-    from diffalign.toyworld.experiment import seeded_latents
+    from diffalign.toyworld.pairs import seeded_latents
 
     lat = seeded_latents(bb, len(prompts), seed=noise_seed)
     out = []

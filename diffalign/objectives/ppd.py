@@ -15,52 +15,41 @@ projections train unless ``train_lora``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, Any
 
 import torch
+from pydantic import Field
 
 from ..backbones.base import Backbone, per_sample_mse
+from ..backbones.modules import unwrap
+from ..backbones.user_attention import USER_KEY, install_injection, without_user
+from .base import register
 from .dpo import DiffusionDPO, noised_pairs
 
 
+@register("ppd")
 @dataclass
 class PersonalizedDPO(DiffusionDPO):
-    data_kind: ClassVar[str] = "user_pairs"
+    data_kind = "user_pairs"  # multi-user pairs: diffalign.data.users.UserPairs (user_id column)
     encoder: str = ""  # user encoder spec (personalization.encoder.load_encoder): clip=DIR, vlm=DIR, ...
-    k: int = 4  # pairs pooled into each user embedding
-    embedding_dropout: float = 0.1  # probability of a zero embedding (the "any user" condition)
-    tokens: int = 4  # user tokens per embedding
+    embed_dim: Annotated[int, Field(ge=0)] = 0  # its output size (the toy CLIP: 64); required for training
+    k: Annotated[int, Field(ge=1)] = 4  # other pairs of the same user pooled into each pair's embedding
+    embedding_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1  # probability of a zero embedding
+    tokens: Annotated[int, Field(ge=1)] = 4  # user tokens per embedding
     scale: float = 1.0  # weight of the user branch
     train_lora: bool = False  # also train the LoRA (when the model has one); PPD trains only the injection
-    embed_dim: int = 0  # the encoder's output size; 0: read from the encoder in setup()
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.k < 1 or self.tokens < 1:
-            raise ValueError(f"ppd: k and tokens must be >= 1, got k={self.k}, tokens={self.tokens}")
-        if not 0.0 <= self.embedding_dropout < 1.0:
-            raise ValueError(f"ppd: embedding_dropout must be in [0, 1), got {self.embedding_dropout}")
 
     def setup(self, backbone: Backbone, reward: Any = None) -> None:
         """Freeze the LoRA unless ``train_lora``, then add the (trainable) user injection."""
-        from ..personalization.inject import install_injection
-
-        dim = self.embed_dim
-        if dim <= 0:
-            if not self.encoder:
-                raise ValueError("ppd: set objective.encoder (a user encoder spec such as clip=DIR) or embed_dim")
-            from ..personalization.encoder import load_encoder
-
-            dim = load_encoder(self.encoder).dim
-            self.embed_dim = dim
+        if self.embed_dim <= 0:
+            raise ValueError("objective.embed_dim: set it to the user encoder's output size (`diffalign profile "
+                             "create` prints it; the toy CLIP's is 64)")
         if not self.train_lora:
             for p in backbone.trainable_parameters():
                 p.requires_grad_(False)
-        install_injection(backbone, embed_dim=dim, tokens=self.tokens, scale=self.scale)
+        install_injection(backbone, embed_dim=self.embed_dim, tokens=self.tokens, scale=self.scale)
 
-    def loss(self, batch: dict, backbone: Backbone) -> tuple[torch.Tensor, dict[str, Any]]:
-        from ..personalization.inject import USER_KEY, without_user
-
+    def loss(self, batch: dict, backbone: Backbone) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         xt, t, cond2, target = noised_pairs(batch, backbone)
         if USER_KEY not in cond2.tensors:
             raise ValueError("ppd: the batch conditioning has no user embedding (train on multi-user pairs)")
@@ -77,7 +66,4 @@ class PersonalizedDPO(DiffusionDPO):
 def _has_reference(backbone: Backbone) -> bool:
     from ..backbones.lora import has_adapter
 
-    model = backbone.denoiser
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return backbone.ref_model is not None or has_adapter(model)
+    return backbone.ref_model is not None or has_adapter(unwrap(backbone.denoiser))

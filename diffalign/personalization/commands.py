@@ -30,7 +30,6 @@ def load_personalized(model: Any, injection: str | Path, profile: str, lora: str
                       scale: float | None = None, device: str | None = None) -> tuple[Any, Any]:
     """A backbone with the trained injection loaded and the profile (spec ``a.profile[:w],...``) mixed:
     ``(backbone, Profile)``. Sample inside ``personalized(backbone, profile.embedding)``."""
-    from ..api import load_model
     from .inject import injection_config, load_injection
     from .profiles import ProfileError, mix_profiles
 
@@ -49,7 +48,6 @@ def choose(out: str | Path, user: str, model: str, prompts: list[str], host: str
            lora: str | None = None, device: str | None = None, resolution: int = 224,
            serve_seconds: float | None = None) -> int:
     """Serve the choice page until Ctrl-C (or ``serve_seconds``)."""
-    from ..api import load_model
     from .choose import ChoiceStore, backbone_pair_maker, profile_maker, serve
 
     if host not in ("127.0.0.1", "localhost", "::1"):
@@ -70,6 +68,20 @@ def choose(out: str | Path, user: str, model: str, prompts: list[str], host: str
         server.server_close()
     print(f"{store.decided()} decided choices in {store.pairs_path}")
     return 0
+
+
+def load_model(model: Any, lora: str | Path | None = None, device: str | None = None) -> Any:
+    """A backbone from a diffusers folder (or the given one) with an optional LoRA, on ``device``."""
+    from ..backbones import load_backbone
+    from ..backbones.lora import load_lora
+
+    bb = model if hasattr(model, "denoiser") else load_backbone(model)
+    if lora:
+        load_lora(bb, lora)
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(dev) != bb.device:
+        bb.to(dev)
+    return bb
 
 
 def embedding_rows(embedding: torch.Tensor, n: int) -> torch.Tensor:

@@ -49,7 +49,7 @@ def test_ppd_starts_at_the_reference_and_trains_only_the_injection(family, lora)
 def test_ppd_needs_user_embeddings_and_an_encoder():
     bb = load_backbone(build_tiny_pipeline("sd15"))
     bb.resolution = 32
-    with pytest.raises(ValueError, match="objective.encoder"):
+    with pytest.raises(ValueError, match="objective.embed_dim"):
         PersonalizedDPO().setup(bb)
     obj = PersonalizedDPO(embed_dim=D)
     obj.setup(bb)
