@@ -220,7 +220,7 @@ def cached(path: Path, fn: Any) -> torch.Tensor:
 
 
 def evaluate(args: argparse.Namespace, data: dict[str, Any], clip_dir: Path, out: Path,
-             ppd: dict[int, Path], dpo: dict[int, Path]) -> dict[str, Any]:
+             ppd: dict[int, Path], dpo: dict[int, Path], base_only: bool = False) -> dict[str, Any]:
     from diffalign.api import load_model
     from diffalign.data.users import choices_by_user
     from diffalign.personalization.inject import load_injection
@@ -244,6 +244,8 @@ def evaluate(args: argparse.Namespace, data: dict[str, Any], clip_dir: Path, out
         log(f"{gname}: {len(rows_p)} samples per model")
         img_base = cached(out / "eval" / f"base_{gname}.pt", lambda: sample(base, rows_p, None, noise))  # noqa: B023
         s_base = user_scores(img_base, rows_u)
+        if base_only:
+            continue
         wins_vs_base, wins_vs_dpo, dpo_vs_base, gains = [], [], [], []
         first_ppd = None
         for seed in sorted(ppd):
@@ -279,6 +281,8 @@ def evaluate(args: argparse.Namespace, data: dict[str, Any], clip_dir: Path, out
             grid_rows.append((f"{gname} {users[ui].user_id}\n{users[ui].describe()}", img_base[sl], first_ppd[sl]))
         if gname == "unseen":
             res["interpolation"] = interpolate(users, emb, ppd[min(ppd)], prompts[: args.eval_unseen], out)
+    if base_only:
+        return res
     res["grid"] = str(grid_png(Path(args.grid), grid_rows))
     return res
 
@@ -351,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed-list", default=None, help="comma-separated training seeds (default: 0..seeds-1)")
     ap.add_argument("--eval-unseen", type=int, default=128, help="eval prompts per unseen user")
     ap.add_argument("--grid", default="docs/results/personalization_grid.png")
-    ap.add_argument("--stage", choices=["data", "train-ppd", "train", "all"], default="all")
+    ap.add_argument("--stage", choices=["data", "eval-base", "train-ppd", "train-dpo", "train", "all"], default="all")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     global EVAL_STEPS
@@ -363,6 +367,13 @@ def main(argv: list[str] | None = None) -> None:
     data = ensure_data(args, out)
     log(f"data ready: {data['train']} ({len(data['seen'])} seen users), {data['shots']}")
     if args.stage == "data":
+        return
+    if args.stage == "eval-base":  # the no-profile samples only (cached for the evaluation)
+        evaluate(args, data, clip_dir, out, {}, {}, base_only=True)
+        return
+    if args.stage == "train-dpo":
+        for s in seeds:
+            train_dpo(args, data, s, out)
         return
     ppd = {s: train_ppd(args, data, clip_dir, s, out / f"ppd_seed{s}") for s in seeds}
     if args.stage == "train-ppd":

@@ -19,7 +19,7 @@ def profile_create(pairs: str | Path, user: str, out: str | Path, encoder: str, 
 
     out = Path(out)
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; choose a new file name")
+        raise ValueError(f"{out} exists; choose a new file name (or --overwrite)")
     prompts, w, lose = user_choices(pairs, user, resolution, min_pairs=min_pairs)
     enc = load_encoder(encoder)
     prof = create_profile(enc, prompts, w, lose, user_id=user, source=str(pairs), min_pairs=min_pairs)
