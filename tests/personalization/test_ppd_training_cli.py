@@ -88,8 +88,8 @@ def test_sample_with_profile_cli(tmp_path, capsys):
             "--device", "cpu", "--guidance-scale", "2", "--no-progress"]
     assert main([*base, "--out", str(tmp_path / "plain")]) == 0
     assert main([*base, "--out", str(tmp_path / "mix"), "--profile", f"{a}:0.7,{b}:0.3", "--injection", str(inj)]) == 0
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     def img(d):
         return np.asarray(Image.open(sorted((tmp_path / d).glob("0*.png"))[0]), dtype=np.float32)
