@@ -106,7 +106,7 @@ def ppd_config(args: argparse.Namespace, data: dict[str, Any], clip_dir: Path, s
                       "tokens": args.tokens},
         "train": {
             "output_dir": str(run), "seed": seed, "steps": args.steps, "batch_size": args.batch, "lr": args.lr,
-            "lr_scheduler": "constant_with_warmup", "warmup_steps": max(1, args.steps // 20), "weight_decay": 0.0,
+            "lr_scheduler": "constant_with_warmup", "warmup_steps": args.warmup_steps or max(1, args.steps // 20), "weight_decay": 0.0,
             "checkpoint_every": 0, "keep_checkpoints": 0, "sample_every": 0, "log_every": 25, "progress": False,
             "sample_prompts": ["a red circle", "a blue square"], "sample_steps": 20, "sample_guidance": TOY_GUIDANCE,
         },
@@ -192,7 +192,7 @@ def grid_png(path: Path, rows: list[tuple[str, torch.Tensor, torch.Tensor]]) -> 
     """Rows: (label, without [n,3,H,W], with [n,3,H,W]) -> one PNG, 'without | with' per row, scaled x3."""
     from PIL import Image, ImageDraw
 
-    n, s, pad, label_w = rows[0][1].shape[0], 96, 4, 150
+    n, s, pad, label_w = rows[0][1].shape[0], 96, 4, 190
     width = label_w + 2 * n * (s + pad) + 3 * pad
     img = Image.new("RGB", (width, 22 + len(rows) * (s + pad)), "white")
     d = ImageDraw.Draw(img)
@@ -235,7 +235,10 @@ def evaluate(args: argparse.Namespace, data: dict[str, Any], clip_dir: Path, out
     base = load_base()
     res: dict[str, Any] = {}
     grid_rows = []
+    wanted = args.eval_groups.split(",")
     for gname, (users, choices, n) in groups.items():
+        if gname not in wanted:
+            continue
         emb = profiles(users, choices, enc, args.shots, seed=0)  # [U, D]
         rows_u = [u for u in users for _ in range(n)]
         rows_p = [p for _ in users for p in prompts[:n]]
@@ -246,7 +249,7 @@ def evaluate(args: argparse.Namespace, data: dict[str, Any], clip_dir: Path, out
         s_base = user_scores(img_base, rows_u)
         if base_only:
             continue
-        wins_vs_base, wins_vs_dpo, dpo_vs_base, gains = [], [], [], []
+        wins_vs_base, wins_vs_dpo, dpo_vs_base, gains, ppd_scores, dpo_scores = [], [], [], [], [], []
         first_ppd = None
         for seed in sorted(ppd):
             def run_ppd(seed: int = seed, rows_p: list[str] = rows_p, rows_e: torch.Tensor = rows_e,
@@ -256,15 +259,20 @@ def evaluate(args: argparse.Namespace, data: dict[str, Any], clip_dir: Path, out
                 return sample(bb, rows_p, rows_e, noise)
 
             img_ppd = cached(out / "eval" / f"ppd_{gname}_seed{seed}.pt", run_ppd)
+            s_ppd = user_scores(img_ppd, rows_u)
+            wins_vs_base.append(win_rate(s_ppd, s_base))
+            gains.append(float((s_ppd - s_base).mean()))
+            ppd_scores.append(s_ppd)
+            first_ppd = img_ppd if first_ppd is None else first_ppd
+            if seed not in dpo:
+                continue
             img_dpo = cached(out / "eval" / f"dpo_{gname}_seed{seed}.pt",
                              lambda seed=seed, rows_p=rows_p, noise=noise: sample(
                                  load_model(BASE, dpo[seed], device="cpu"), rows_p, None, noise))
-            s_ppd, s_dpo = user_scores(img_ppd, rows_u), user_scores(img_dpo, rows_u)
-            wins_vs_base.append(win_rate(s_ppd, s_base))
+            s_dpo = user_scores(img_dpo, rows_u)
             wins_vs_dpo.append(win_rate(s_ppd, s_dpo))
             dpo_vs_base.append(win_rate(s_dpo, s_base))
-            gains.append(float((s_ppd - s_base).mean()))
-            first_ppd = img_ppd if first_ppd is None else first_ppd
+            dpo_scores.append(s_dpo)
         per_user = torch.stack(wins_vs_base).mean(0).view(len(users), n).mean(1)
         res[gname] = {
             "users": len(users), "samples_per_model": len(rows_p), "seeds": sorted(ppd),
@@ -273,18 +281,41 @@ def evaluate(args: argparse.Namespace, data: dict[str, Any], clip_dir: Path, out
             "dpo_vs_base": bootstrap_ci(torch.stack(dpo_vs_base)),
             "ppd_vs_base_per_seed": [float(w.mean()) for w in wins_vs_base],
             "reward_gain_per_seed": gains,
+            "reward_gain_ppd": _interval(s_base.repeat(len(ppd_scores)), torch.cat(ppd_scores)),
+            "reward_gain_dpo": _interval(s_base.repeat(len(dpo_scores)), torch.cat(dpo_scores)),
+            "dpo_seeds": sorted(dpo),
             "per_user_win_rate": {u.user_id: float(v) for u, v in zip(users, per_user, strict=True)},
             "users_above_50": int((per_user > 0.5).sum()),
         }
         for ui in range(3):
             sl = slice(ui * n, ui * n + 4)
-            grid_rows.append((f"{gname} {users[ui].user_id}\n{users[ui].describe()}", img_base[sl], first_ppd[sl]))
+            desc = users[ui].describe().split(", ")
+            grid_rows.append((f"{gname} user {users[ui].user_id}\n" + "\n".join([", ".join(desc[:2]), ", ".join(desc[2:])]),
+                              img_base[sl], first_ppd[sl]))
+        if gname == "unseen" and 0 in ppd:  # control: each user sampled with ANOTHER user's profile
+            shuffled = emb.roll(1, 0).repeat_interleave(n, 0)
+
+            def run_wrong(rows_p: list[str] = rows_p, shuffled: torch.Tensor = shuffled, noise: int = noise) -> torch.Tensor:
+                bb = load_base()
+                load_injection(bb, ppd[0])
+                return sample(bb, rows_p, shuffled, noise)
+
+            img_wrong = cached(out / "eval" / "ppd_unseen_seed0_wrong_profile.pt", run_wrong)
+            res[gname]["wrong_profile_vs_base_seed0"] = bootstrap_ci(win_rate(user_scores(img_wrong, rows_u), s_base)[None])
         if gname == "unseen":
             res["interpolation"] = interpolate(users, emb, ppd[min(ppd)], prompts[: args.eval_unseen], out)
-    if base_only:
+    if base_only or len(wanted) < 2:
         return res
     res["grid"] = str(grid_png(Path(args.grid), grid_rows))
     return res
+
+
+def _interval(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+    """Paired-bootstrap 95% interval of mean(b - a) (diffalign.bench.stats)."""
+    from diffalign.bench.stats import paired_bootstrap
+
+    iv = paired_bootstrap(a, b)
+    return [iv.mean, iv.low, iv.high]
 
 
 def interpolate(users: list[Any], emb: torch.Tensor, injection: Path, prompts: list[str], out: Path) -> dict[str, Any]:
@@ -311,17 +342,22 @@ def interpolate(users: list[Any], emb: torch.Tensor, injection: Path, prompts: l
             "base_reward_B": float(rb0.mean()), "rows": out_rows}
 
 
+def _fmt(iv: list[float]) -> str:
+    return f"{iv[0]:+.3f} [{iv[1]:+.3f}, {iv[2]:+.3f}]"
+
+
 def report(res: dict[str, Any]) -> str:
     def ci(t: Any) -> str:
         return f"{100 * t[0]:.1f}% [{100 * t[1]:.1f}, {100 * t[2]:.1f}]"
 
-    lines = ["| users | samples/model | PPD vs no profile | PPD vs DPO | DPO vs no profile | users with PPD > 50% |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| users | samples/model | PPD vs no profile | PPD vs DPO | DPO vs no profile | users with PPD > 50% "
+             "| user-reward gain PPD | gain DPO |", "|---|---|---|---|---|---|---|---|"]
     for g in ("seen", "unseen"):
         r = res[g]
         lines.append(f"| {g} ({r['users']}) | {r['samples_per_model']} x {len(r['seeds'])} seeds | "
                      f"{ci(r['ppd_vs_base'])} | {ci(r['ppd_vs_dpo'])} | {ci(r['dpo_vs_base'])} | "
-                     f"{r['users_above_50']}/{r['users']} |")
+                     f"{r['users_above_50']}/{r['users']} | {_fmt(r['reward_gain_ppd'])} | "
+                     f"{_fmt(r['reward_gain_dpo'])} |")
     it = res["interpolation"]
     lines += ["", f"Interpolation {it['user_A']} ({it['A']}) vs {it['user_B']} ({it['B']}), cosine {it['cosine']:.2f}; "
               f"base rewards A {it['base_reward_A']:.3f}, B {it['base_reward_B']:.3f}:", "",
@@ -344,6 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--clip-seconds", type=float, default=110.0)
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--dpo-steps", type=int, default=400)
+    ap.add_argument("--warmup-steps", type=int, default=0, help="PPD warm-up (0: steps / 20)")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--beta", type=float, default=2000.0)
     ap.add_argument("--batch", type=int, default=16)
@@ -352,6 +389,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-seen", type=int, default=64, help="eval prompts per seen user")
     ap.add_argument("--eval-seen-users", type=int, default=16, help="seen users evaluated")
     ap.add_argument("--eval-steps", type=int, default=10)
+    ap.add_argument("--dpo-seed-list", default=None, help="seeds of the DPO baseline (default: the PPD seeds)")
+    ap.add_argument("--eval-groups", default="seen,unseen", help="evaluate these user groups (a partial run fills caches)")
     ap.add_argument("--seed-list", default=None, help="comma-separated training seeds (default: 0..seeds-1)")
     ap.add_argument("--eval-unseen", type=int, default=128, help="eval prompts per unseen user")
     ap.add_argument("--grid", default="docs/results/personalization_grid.png")
@@ -378,10 +417,14 @@ def main(argv: list[str] | None = None) -> None:
     ppd = {s: train_ppd(args, data, clip_dir, s, out / f"ppd_seed{s}") for s in seeds}
     if args.stage == "train-ppd":
         return
-    dpo = {s: train_dpo(args, data, s, out) for s in seeds}
+    dpo_seeds = [int(x) for x in args.dpo_seed_list.split(",")] if args.dpo_seed_list else seeds
+    dpo = {s: train_dpo(args, data, s, out) for s in dpo_seeds}
     if args.stage == "train":
         return
     res = evaluate(args, data, clip_dir, out, ppd, dpo)
+    if "seen" not in res or "unseen" not in res:
+        log(f"partial evaluation ({args.eval_groups}): caches filled; run again with both groups for the report")
+        return
     res["settings"] = vars(args)
     res["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads()}
     (out / "results.json").write_text(json.dumps(res, indent=2))
