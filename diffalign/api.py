@@ -212,6 +212,7 @@ def sample(
     n, selecting = len(prompt_list), best_of > 1 or reject_below is not None
     _check_counts(n, images_per_prompt, batch_size, steps, latents, selecting)
     bb = load_model(model, lora, size=size, device=device, dtype=dtype)
+    _check_size(bb, size)
     if "rlg" in modes:
         _check_tuned(bb, guidance, rlg_mode)
     guide_reward = _as_reward(reward, bb.device)
@@ -265,6 +266,24 @@ def _check_modes(guidance: str) -> set[str]:
     if guidance not in GUIDANCE_MODES:
         raise ValueError(f"guidance must be one of {', '.join(GUIDANCE_MODES)}, got {guidance!r}")
     return set(guidance.split("+"))
+
+
+def pixel_multiple(bb: Backbone) -> int:
+    """The image sides this model can sample: multiples of the VAE factor times the denoiser's own
+    downsampling (UNet: 2 per down block after the first; SD3/FLUX: the 2x2 patches)."""
+    from .backbones.modules import unwrap
+
+    blocks = getattr(unwrap(bb.denoiser).config, "down_block_types", None)
+    return bb.vae_scale_factor * (2 ** (len(blocks) - 1) if blocks else 2)
+
+
+def _check_size(bb: Backbone, size: int | None) -> None:
+    if size is None:
+        return
+    m = pixel_multiple(bb)
+    if size <= 0 or size % m:
+        raise ValueError(f"size (--size) {size}: must be a positive multiple of {m} pixels for this {bb.family} model "
+                         f"(VAE factor {bb.vae_scale_factor} x {m // bb.vae_scale_factor}), e.g. {max(m, size // m * m)}")
 
 
 def _check_counts(n: int, images_per_prompt: int, batch_size: int, steps: int, latents: torch.Tensor | None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any
 
@@ -15,21 +16,23 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     import signal
 
     from .config import load_config
+    from .data.cache import CacheError
     from .training import train
     from .training.checkpoints import CheckpointError
     from .training.launch import LaunchError, cpu_processes_requested
     from .training.loop import NonFiniteError
+    from .training.runfolder import RunFolderError
 
     cfg = load_config(args.config, overrides)
     n = cpu_processes_requested()
     if n:
         return _relaunch_on_cpu(n, args.argv)
     try:
-        result = train(cfg, resume=args.resume)
+        result = train(cfg, resume=args.resume, overwrite=args.overwrite, allow_config_change=args.allow_config_change)
     except NonFiniteError as e:
         print(f"diffalign train: stopped: {e}", file=sys.stderr)
         return 3
-    except (CheckpointError, FileExistsError, LaunchError) as e:
+    except (CheckpointError, FileExistsError, LaunchError, RunFolderError, CacheError) as e:
         print(f"diffalign train: error: {e}", file=sys.stderr)
         return 2
     if not result.get("main_process", True):
@@ -47,6 +50,9 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
         print(f"interrupted by {sig} at step {result['step']}/{cfg.train.steps}; {saved}\n"
               f"  continue with: diffalign {' '.join(again)} --resume latest", file=sys.stderr)
         return 128 + signal.Signals[sig].value
+    if result.get("already_complete"):
+        print(f"already complete: {cfg.train.output_dir} finished at step {result['step']}; nothing was trained "
+              "or rewritten (raise --train.steps to train further)")
     m = result.get("metrics", {})
     print(f"done: step {result['step']}", " ".join(f"{k}={v:.4g}" for k, v in m.items() if isinstance(v, float)))
     for key in ("weights", "checkpoint", "samples"):
@@ -56,8 +62,17 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     if data.get("skipped_rows") or data.get("skipped_at_load"):
         print(f"  data: skipped {data['skipped_rows']} bad row(s) when reading ({data['skipped_by_reason']}) and "
               f"{data['skipped_at_load']} unloadable item(s) while training")
+    if data.get("warnings"):
+        print(f"  data warnings (rows kept): {data['warnings']}")
     if result.get("skipped_steps"):
         print(f"  non-finite steps skipped: {result['skipped_steps']}")
+    return 0
+
+
+def _config(args: argparse.Namespace, _: list[str]) -> int:
+    from .configdoc import format_keys
+
+    print(format_keys(), end="")
     return 0
 
 
@@ -95,6 +110,12 @@ def _sample(args: argparse.Namespace, _: list[str]) -> int:
 
     prompts = _read_prompts(args.prompts)
     modes = args.guidance.split("+")
+    for flag, value, mode in (("--rlg-scale", args.rlg_scale, "rlg"), ("--reward-scale", args.reward_scale, "reward")):
+        if value is not None and mode not in modes:
+            raise ValueError(f"{flag} is used only with --guidance {mode} (or rlg+reward); --guidance is {args.guidance!r}")
+    if args.size is not None and args.size <= 0:
+        raise ValueError(f"--size {args.size}: must be a positive number of pixels")
+    out_dir = _sample_out(args.out, args.overwrite)
     if "rlg" in modes and not args.lora:
         raise ValueError("--guidance rlg needs --lora DIR: RL guidance mixes the model with its LoRA disabled "
                          "(base) and enabled (tuned)")
@@ -108,16 +129,43 @@ def _sample(args: argparse.Namespace, _: list[str]) -> int:
             model, prompts, lora=lora, steps=args.steps, guidance_scale=args.guidance_scale,
             negative_prompt=args.negative_prompt, seed=args.seed, images_per_prompt=args.images_per_prompt,
             size=args.size, batch_size=args.batch_size, scheduler=args.scheduler, guidance=args.guidance,
-            rlg_scale=args.rlg_scale, rlg_mode=args.rlg_mode, zero_init_step=args.zero_init_step,
-            rlg_batched=not args.rlg_sequential, reward=args.reward, reward_scale=args.reward_scale,
+            rlg_scale=1.0 if args.rlg_scale is None else args.rlg_scale, rlg_mode=args.rlg_mode,
+            zero_init_step=args.zero_init_step, rlg_batched=not args.rlg_sequential, reward=args.reward,
+            reward_scale=1.0 if args.reward_scale is None else args.reward_scale,
             reward_schedule=args.reward_schedule, reward_normalize=args.reward_normalize, best_of=args.best_of,
             reject_below=args.reject_below, device=args.device, dtype=args.dtype, progress=not args.no_progress,
         )
     cli = {k: v for k, v in vars(args).items() if k not in ("func", "allow_overrides")}
+    for old in (*out_dir.glob("*.png"), out_dir / "settings.json"):  # --overwrite: the earlier images go
+        old.unlink(missing_ok=True)
     path = out.save(args.out, extra_settings={"prompts_source": args.prompts, "cli": cli})
     per = out.settings["seconds_per_image"]
     print(f"{len(out)} images in {path} (grid.png, settings.json); {per:.3g} s per image")
     return 0
+
+
+def _sample_out(out: str, overwrite: bool) -> Any:
+    """The --out folder, checked before sampling: writable, and holding no earlier images unless --overwrite."""
+    from pathlib import Path
+
+    d = Path(out)
+    if d.exists() and not d.is_dir():
+        raise ValueError(f"--out {d}: is a file; name a folder for the PNGs, grid.png and settings.json")
+    old = sorted(d.glob("*.png")) if d.is_dir() else []
+    if old and not overwrite:
+        raise FileExistsError(f"--out {d}: already holds {len(old)} PNG file(s) of an earlier run; pass --overwrite "
+                              "to replace them, or choose another folder")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        probe = d / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"--out {d}: cannot write there ({type(e).__name__}: {e})") from None
+    return d
+
+
+PROMPT_FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".tsv")
 
 
 def _read_prompts(spec: str) -> list[str]:
@@ -125,10 +173,17 @@ def _read_prompts(spec: str) -> list[str]:
 
     p = Path(spec)
     if p.is_file():
-        lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--prompts {p}: not UTF-8 text (byte offset {e.start}); save it as UTF-8") from None
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         if not lines:
             raise ValueError(f"{p}: no prompts (one per line)")
         return lines
+    if spec.lower().endswith(PROMPT_FILE_SUFFIXES) or ("/" in spec and not any(c.isspace() for c in spec)):
+        raise FileNotFoundError(f"--prompts {spec}: no such file (a path, not a prompt; give an existing text file "
+                                "with one prompt per line, or the prompt itself)")
     return [spec]
 
 
@@ -147,7 +202,7 @@ def _cache(args: argparse.Namespace, _: list[str]) -> int:
 def _tiny_pairs(args: argparse.Namespace, _: list[str]) -> int:
     from .data.synthetic import write_rendered_pairs
 
-    print(write_rendered_pairs(args.out, n=args.n, seed=args.seed))
+    print(write_rendered_pairs(args.out, n=args.n, seed=args.seed, overwrite=args.overwrite))
     return 0
 
 
@@ -240,7 +295,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config")
     t.add_argument("--resume", default=None,
                    help="'latest' (error if none), 'auto' (latest if any, else start) or a checkpoint folder")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a train.output_dir holding an earlier run's results (they are deleted)")
+    t.add_argument("--allow-config-change", action="store_true",
+                   help="resume with changed config keys beyond train.steps and the bookkeeping keys "
+                   "(the new config is written beside config.yaml)")
     t.set_defaults(func=_train, allow_overrides=True)
+    t.epilog = "Every config key, with its type, default and meaning: diffalign config"
+
+    k = sub.add_parser("config", help="list every config key with its type, default and description")
+    k.set_defaults(func=_config)
 
     c = add_cache_arguments(sub.add_parser("cache", help="encode a pair data set into a latent + text-embedding cache"))
     c.set_defaults(func=_cache)
@@ -250,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lora", default=None, help="LoRA folder (pytorch_lora_weights.safetensors)")
     s.add_argument("--prompts", required=True, help="a text file (one prompt per line) or a prompt")
     s.add_argument("--out", required=True, help="folder for the PNGs, grid.png and settings.json")
+    s.add_argument("--overwrite", action="store_true", help="replace the PNGs an earlier run left in --out")
     s.add_argument("--negative-prompt", default="")
     s.add_argument("--steps", type=int, default=30)
     s.add_argument("--guidance-scale", type=float, default=7.5, help="CFG scale (FLUX-dev: the guidance embedding)")
@@ -262,13 +327,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     s.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     s.add_argument("--guidance", default="cfg", choices=["cfg", "rlg", "reward", "rlg+reward"])
-    s.add_argument("--rlg-scale", type=float, default=1.0, help="RLG weight w: 0 base, 1 tuned, >1 extrapolates")
+    s.add_argument("--rlg-scale", type=float, default=None,
+                   help="RLG weight w: 0 base, 1 tuned (default), >1 extrapolates; needs --guidance rlg")
     s.add_argument("--rlg-mode", default="exact", choices=["exact", "approx"],
                    help="exact: (1-w) base + w tuned; approx: the LoRA scaled by w (half the model calls)")
     s.add_argument("--zero-init-step", type=int, default=0, help="first K model calls use the tuned model alone")
     s.add_argument("--rlg-sequential", action="store_true", help="run base and tuned as two forwards (less memory)")
     s.add_argument("--reward", default=None, help="NAME, NAME=PATH or NAME=PATH:W,NAME:W (an Ensemble)")
-    s.add_argument("--reward-scale", type=float, default=1.0, help="reward-gradient step on the predicted x0")
+    s.add_argument("--reward-scale", type=float, default=None,
+                   help="reward-gradient step on the predicted x0 (default 1); needs --guidance reward")
     s.add_argument("--reward-schedule", default="constant", choices=["constant", "increasing", "decreasing"],
                    help="weight over the noise level sigma: 1, 1 - sigma, sigma")
     s.add_argument("--reward-normalize", action="store_true", help="scale the reward gradient to unit RMS per image")
@@ -292,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("out")
     tp.add_argument("--n", type=int, default=64)
     tp.add_argument("--seed", type=int, default=0)
+    tp.add_argument("--overwrite", action="store_true", help="replace an existing OUT/pairs.jsonl and its images")
     tp.set_defaults(func=_tiny_pairs)
 
     _add_data_parsers(sub)
@@ -412,6 +480,8 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--num-workers", type=int, default=0, help="image-decoding DataLoader workers")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N source rows")
     parser.add_argument("--overwrite", action="store_true", help="replace a cache built from other inputs")
+    parser.add_argument("--no-flips", action="store_true",
+                        help="do not also cache the flipped images (half the work; train with data.random_flip: false)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -516,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args, rest)
-    except (ConfigError, FileNotFoundError, ValueError, KeyError) as e:
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
         print(f"diffalign {args.command}: error: {e}", file=sys.stderr)
         return 2
 

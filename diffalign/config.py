@@ -24,7 +24,7 @@ class ModelConfig(_Section):
     path: str = Field(description="diffusers pipeline folder, or tiny:FAMILY (sd15, sd2v, sdxl, sd3, flux)")
     resolution: int | None = None
     lora: bool = True
-    lora_rank: int = 8
+    lora_rank: int = Field(8, ge=1)
     lora_alpha: float | None = None
     lora_targets: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
     lora_init: str = "gaussian"
@@ -43,8 +43,8 @@ class DataConfig(_Section):
     on_bad_row: Literal["error", "skip"] = "error"
     random_flip: bool = True
     random_crop: bool = False
-    prompt_dropout: float = 0.2
-    num_workers: int = 0
+    prompt_dropout: float = Field(0.2, ge=0, le=1)
+    num_workers: int = Field(0, ge=0)
     limit: int | None = None
 
 
@@ -136,12 +136,49 @@ def _format_errors(err: ValidationError, source: str) -> str:
             lines.append(f"  {key}: required key is missing")
         else:
             got = e.get("input")
-            lines.append(f"  {key}: {e['msg']} (got {got!r})")
+            hint = " (YAML reads no/yes/off/on as booleans: quote the word)" if isinstance(got, bool) else ""
+            lines.append(f"  {key}: {e['msg']} (got {got!r}){hint}")
     return "\n".join(lines)
 
 
+def _wants_string(parts: list[str]) -> bool:
+    """Whether the config key ``parts`` takes only text (str, a Literal of strings, optionally None): its
+    override value is then the word as typed, so ``--train.mixed_precision no`` is "no", not YAML's False."""
+    import types
+    import typing
+
+    if len(parts) != 2 or parts[0] not in RunConfig.model_fields:
+        return False
+    section = RunConfig.model_fields[parts[0]].annotation
+    models = [section] if isinstance(section, type) else [
+        a for a in _flat_args(section) if isinstance(a, type) and issubclass(a, BaseModel)]
+    for model in models:
+        field = model.model_fields.get(parts[1])
+        if field is None:
+            continue
+        kinds = [a for a in _flat_args(field.annotation) if a is not type(None)]
+        return bool(kinds) and all(
+            a is str or (typing.get_origin(a) is Literal and all(isinstance(v, str) for v in typing.get_args(a)))
+            for a in kinds) and not any(isinstance(a, types.GenericAlias) for a in kinds)
+    return False
+
+
+def _flat_args(t: Any) -> list[Any]:
+    """The members of a (possibly Annotated, nested) Union; a plain type is its own member."""
+    import types
+    import typing
+
+    origin = typing.get_origin(t)
+    if origin is Annotated:
+        return _flat_args(typing.get_args(t)[0])
+    if origin in (Union, types.UnionType):
+        return [m for a in typing.get_args(t) for m in _flat_args(a)]
+    return [t]
+
+
 def parse_overrides(args: list[str]) -> dict[str, Any]:
-    """``["--train.lr", "1e-4", "--train.ema=true"]`` -> nested dict of YAML-typed values."""
+    """``["--train.lr", "1e-4", "--train.ema=true"]`` -> nested dict of YAML-typed values (the word as
+    typed for a text-only key: ``--train.mixed_precision no`` is "no"; ``null`` stays None)."""
     out: dict[str, Any] = {}
     i = 0
     while i < len(args):
@@ -160,7 +197,10 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         parts = key.split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        if raw != "" and _wants_string(parts) and raw not in ("null", "~"):
+            node[parts[-1]] = raw
+        else:
+            node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
     return out
 
 

@@ -5,11 +5,14 @@
 * ``--reward`` may be repeated; ``NAME`` is a registry name (``rewards.available()``), ``PATH`` its local
   weights (rewards that need none, e.g. ``toy_color``, take no path). Extra loader options: ``--reward-arg NAME.KEY=VALUE`` (string values, e.g.
   ``--reward-arg imagereward.tokenizer_path=/models/bert-base-uncased``).
-* ``--images``: a folder (its .png/.jpg/.jpeg/.webp/.bmp files, sorted by name) or a single image file.
+* ``--images``: a folder (its .png/.jpg/.jpeg/.webp/.bmp files, sorted by name) or a single image file. A
+  ``diffalign sample`` folder (one with settings.json) gives the images its settings.json lists, so its
+  ``grid.png`` is not scored as an image; in any other folder a ``grid.png`` is skipped too, with a note.
 * ``--prompts``: a UTF-8 text file with one prompt per line, matched to the images in sorted order; the line
   count must equal the image count, or the file holds a single line used for every image. Blank lines at the
   end are ignored; a blank line elsewhere is the empty prompt.
-* ``--out``: CSV with a header ``file,prompt,<reward>...`` and one row per image.
+* ``--out``: CSV with a header ``file,prompt,<reward>...`` and one row per image. It must name a file in a
+  writable folder; that is checked before anything is scored, and the CSV is written atomically.
 
 Consecutive images of the same size are scored together, up to ``--batch-size``.
 """
@@ -75,17 +78,63 @@ def list_images(path: str) -> list[Path]:
         if p.suffix.lower() not in IMAGE_EXTS:
             raise ScoreCLIError(f"--images: {path!r} is not an image file ({', '.join(sorted(IMAGE_EXTS))})")
         return [p]
+    listed = _sample_folder_images(p)
+    if listed is not None:
+        return listed
     files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
+    if any(f.name == "grid.png" for f in files) and len(files) > 1:
+        print(f"note: {p / 'grid.png'} skipped (a contact sheet, not an image to score)", file=sys.stderr)
+        files = [f for f in files if f.name != "grid.png"]
     if not files:
         raise ScoreCLIError(f"--images: no image files in {path!r}")
     return files
+
+
+def _sample_folder_images(folder: Path) -> list[Path] | None:
+    """The images a ``diffalign sample`` folder's settings.json lists (None: not such a folder)."""
+    import json
+
+    settings = folder / "settings.json"
+    if not settings.is_file():
+        return None
+    try:
+        records = json.loads(settings.read_text(encoding="utf-8")).get("images")
+        names = [r["file"] for r in records]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None  # not our settings.json: list the folder
+    files = [folder / n for n in names]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise ScoreCLIError(f"--images: {settings} lists {len(missing)} image(s) that are missing: {missing[:3]}")
+    return files
+
+
+def check_out(path: str) -> Path:
+    """``--out`` names a CSV file in a writable folder (checked by creating and removing a file there)."""
+    import os
+
+    out = Path(path)
+    if out.is_dir() or path.endswith(("/", os.sep)):
+        raise ScoreCLIError(f"--out {path!r}: is a folder; name the CSV file to write (e.g. {out / 'scores.csv'})")
+    if not out.parent.exists():
+        raise ScoreCLIError(f"--out: folder {str(out.parent)!r} does not exist")
+    probe = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ScoreCLIError(f"--out {path!r}: cannot write there ({type(e).__name__}: {e})") from None
+    return out
 
 
 def read_prompts(path: str, n_images: int) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise ScoreCLIError(f"--prompts: {path!r} is not a file")
-    lines = p.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ScoreCLIError(f"--prompts: {path!r} is not UTF-8 text (byte offset {e.start})") from None
     while lines and not lines[-1].strip():
         lines.pop()
     if not lines:
@@ -122,9 +171,7 @@ def run(args: argparse.Namespace) -> int:
         prompts = read_prompts(args.prompts, len(files))
         if args.batch_size < 1:
             raise ScoreCLIError("--batch-size must be >= 1")
-        out = Path(args.out)
-        if out.parent and not out.parent.exists():
-            raise ScoreCLIError(f"--out: folder {str(out.parent)!r} does not exist")
+        out = check_out(args.out)
     except ScoreCLIError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -160,9 +207,18 @@ def run(args: argparse.Namespace) -> int:
         return 2
     finally:
         bar.close()
-    with open(out, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["file", "prompt"] + [n for n, _ in specs])
-        w.writerows(rows)
+    import os
+
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["file", "prompt"] + [n for n, _ in specs])
+            w.writerows(rows)
+        os.replace(tmp, out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        print(f"error: --out {str(out)!r}: cannot write the scores ({type(e).__name__}: {e})", file=sys.stderr)
+        return 2
     print(f"wrote {len(rows)} rows to {out}", file=sys.stderr)
     return 0

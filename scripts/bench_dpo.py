@@ -92,7 +92,7 @@ def main() -> int:
     from diffalign.data.synthetic import write_rendered_pairs
 
     out.mkdir(parents=True, exist_ok=True)
-    pairs = write_rendered_pairs(out / "pairs", n=args.pairs, seed=0)
+    pairs = write_rendered_pairs(out / "pairs", n=args.pairs, seed=0, overwrite=True)  # the bench owns out/
     (out / "bench.yaml").write_text(
         f'model: {{path: "tiny:{args.family}", resolution: 32, lora_rank: 4}}\ndata: {{train: {pairs}}}\n'
     )

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from .base import Backbone
+from .quiet import install_filters, quiet_loading
 
 UNET_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 FLOW_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")
@@ -39,7 +40,7 @@ def load_backbone(
                 f"{path}: not a diffusers pipeline folder (no model_index.json). Save one with "
                 "`pipe.save_pretrained(dir)` or build a tiny one with `diffalign tiny FAMILY DIR`."
             )
-        meta = json.loads(index.read_text())
+        meta = _read_index(index)
         name = meta.get("_class_name", "?")
         if name not in UNET_PIPELINES + FLOW_PIPELINES:
             raise ValueError(f"{index}: pipeline class {name!r} is not supported; expected one of "
@@ -57,7 +58,13 @@ def load_backbone(
         for key, value in meta.items():  # components saved as absent (e.g. SD3 without T5) stay absent
             if isinstance(value, list) and value == [None, None]:
                 kw[key] = None
-        pipe = cls.from_pretrained(str(path), **kw)
+        _check_components(path, meta)
+        try:
+            with quiet_loading():
+                pipe = cls.from_pretrained(str(path), **kw)
+        except (OSError, ValueError, RuntimeError, KeyError) as e:
+            raise ModelLoadError(f"{path}: cannot load the {name} pipeline: {_first_line(e)}") from e
+    install_filters()
     name = type(pipe).__name__
     if name in UNET_PIPELINES:
         from .unet import UNetBackbone
@@ -75,6 +82,52 @@ def load_backbone(
     if resolution:
         bb.resolution = resolution
     return bb
+
+
+class ModelLoadError(ValueError):
+    """A model folder that cannot be loaded; the message names the folder or file."""
+
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+
+
+def _read_index(index: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(index.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{index}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise ModelLoadError(f"{index}: not UTF-8 text (byte offset {e.start})") from None
+    if not isinstance(meta, dict):
+        raise ModelLoadError(f"{index}: expected a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+def _check_components(path: Path, meta: dict[str, Any]) -> None:
+    """Each listed component has its folder, and each model component (one with a config.json) a
+    weights file, so a missing file is named here rather than as the ``.bin`` diffusers last tried."""
+    for comp, value in meta.items():
+        if comp.startswith("_") or not isinstance(value, list) or len(value) != 2 or value[0] is None:
+            continue
+        folder = path / comp
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: missing (model_index.json lists the component {comp!r}, {value[1]})")
+        config = folder / "config.json"
+        if config.is_file() and not any(next(folder.glob(pat), None) for pat in WEIGHT_PATTERNS):
+            raise FileNotFoundError(
+                f"{folder}: no weights file for {value[1]} (expected diffusion_pytorch_model.safetensors or "
+                "model.safetensors, or a .bin); the model folder is incomplete"
+            )
+        try:
+            if config.is_file():
+                json.loads(config.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ModelLoadError(f"{config}: not valid JSON ({e})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:500]
 
 
 def _refuse_custom_code(index: Path, meta: dict[str, Any]) -> None:

@@ -102,11 +102,23 @@ def save_lora(backbone: Backbone, out_dir: str | Path, state_dict: dict[str, tor
 
 def load_lora(backbone: Backbone, lora_dir: str | Path, adapter_name: str = "default") -> None:
     """Load a saved adapter into the backbone's denoiser (as stock diffusers does), enabled."""
+    from safetensors import safe_open
+
+    from .quiet import quiet_loading
+
     path = Path(lora_dir)
-    if not (path / "pytorch_lora_weights.safetensors").is_file():
+    weights = path / "pytorch_lora_weights.safetensors"
+    if not weights.is_file():
         raise FileNotFoundError(f"{path}: no pytorch_lora_weights.safetensors (save one with diffalign's save_lora)")
+    try:  # the header and the data size, before diffusers reads it
+        with safe_open(str(weights), framework="pt") as fh:
+            list(fh.keys())
+    except Exception as e:  # safetensors' SafetensorError is no OSError/ValueError
+        raise ValueError(f"{weights}: not a readable safetensors file, damaged or truncated ({type(e).__name__}: "
+                         f"{str(e)[:200]})") from None
     try:
-        backbone.pipe.load_lora_weights(str(path), adapter_name=adapter_name)
+        with quiet_loading():  # no "No LoRA keys ... text_encoder" warning: our adapters hold the denoiser only
+            backbone.pipe.load_lora_weights(str(path), adapter_name=adapter_name)
     except (ValueError, RuntimeError, KeyError) as e:
         raise ValueError(
             f"{path}: this LoRA does not fit the {backbone.family} denoiser "

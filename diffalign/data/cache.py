@@ -24,10 +24,16 @@ without ``encode_images_dist`` is cached as one posterior sample per item from
 Conditioning: ``backbone.encode_prompts(captions, dropout=0.0)``; prompt dropout at train time
 replaces rows by the stored empty-prompt Cond (``diffalign.backbones.base.apply_prompt_dropout``).
 
-The cached view is deterministic: build it from a dataset with ``random_crop=False`` and
-``random_flip=False``. ``CachedPairs(hflip=True)`` flips the latents of a pair (both images
-together) with probability 0.5, an approximation of flipping the pixels (the VAE is close to, not
-exactly, flip-equivariant).
+Flips: the cached view is deterministic, so build it from a dataset with ``random_crop=False`` and
+``random_flip=False``. With ``flips=True`` (default; ``diffalign cache --no-flips`` turns it off) the
+build also encodes the horizontally flipped images and stores their posterior as
+``latents_{w,l}_{mean,std}_flip`` (twice the encoder work and the latent storage, as the caching
+trainers that support flip augmentation do). ``CachedPairs(hflip=True)`` then picks, per item and
+with probability 0.5, the latents *of the flipped images* for both images of the pair (a shared flip,
+as ``PreferencePairs(same_augment=True)``). Latents themselves are never flipped: the VAE is not
+flip-equivariant (on the toy VAE the flipped latents differ from the latents of the flipped image by
+more than the latents' own RMS). ``hflip=True`` on a cache built without flips is a
+:class:`CacheError` naming ``data.random_flip`` and ``data.cache_dir``.
 
 Staleness: ``meta.json`` records each data file's size, mtime and a SHA-256 (of the whole file up
 to 8 MiB, else of its first and last MiB, with the mtime then required to match too), the dataset
@@ -196,9 +202,11 @@ class _Loadable(Dataset):
 
 
 def _identity(
-    dataset: PreferencePairs, backbone: Any, model_id: str | None, kind: str, dtype: str, shard_size: int, seed: int
+    dataset: PreferencePairs, backbone: Any, model_id: str | None, kind: str, dtype: str, shard_size: int, seed: int,
+    flips: bool,
 ) -> dict[str, Any]:
     return {
+        "flips": flips,
         "format": CACHE_FORMAT,
         "version": CACHE_VERSION,
         "family": str(getattr(backbone, "family", "unknown")),
@@ -247,8 +255,12 @@ def build_cache(
     overwrite: bool = False,
     model_id: str | None = None,
     seed: int = 0,
+    flips: bool = True,
 ) -> dict[str, Any]:
     """Encode every item of ``dataset`` with ``backbone`` into ``out_dir``; returns the final meta.
+
+    ``flips=True`` also caches the latents of the horizontally flipped images (for ``random_flip``
+    at train time; see the module docstring).
 
     Resumes from completed shards when ``out_dir`` holds a partial build for the same inputs; a
     cache for other inputs is a :class:`StaleCacheError` unless ``overwrite=True`` (which deletes
@@ -257,7 +269,7 @@ def build_cache(
     if dataset.random_crop or dataset.random_flip:
         raise ValueError(
             "the cache stores one deterministic view of each pair: build it from a dataset with "
-            "random_crop=False and random_flip=False (CachedPairs(hflip=True) flips latents at train time)"
+            "random_crop=False and random_flip=False (build_cache(flips=True) also caches the flipped images)"
         )
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
@@ -267,7 +279,7 @@ def build_cache(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     kind = "dist" if hasattr(backbone, "encode_images_dist") else "sample"
-    ident = _identity(dataset, backbone, model_id, kind, dtype, shard_size, seed)
+    ident = _identity(dataset, backbone, model_id, kind, dtype, shard_size, seed, flips)
     data_fp = data_fingerprint(dataset.path)
     n_items = len(dataset)
     n_shards = (n_items + shard_size - 1) // shard_size
@@ -336,7 +348,8 @@ def build_cache(
             rows: list[int] = []
             weights: list[float] = []
             captions: list[str] = []
-            lat: dict[str, list[torch.Tensor]] = {"w_mean": [], "l_mean": [], "w_std": [], "l_std": []}
+            lat: dict[str, list[torch.Tensor]] = {f"{a}_{b}{f}": [] for f in ("", "_flip")[: 1 + flips]
+                                                  for a in "wl" for b in ("mean", "std")}
             skipped: list[str] = []
             for batch in loader:
                 good = [it for _, it in batch if isinstance(it, dict)]
@@ -345,15 +358,17 @@ def build_cache(
                     px = torch.cat([torch.stack([it["pixels_w"] for it in good]),
                                     torch.stack([it["pixels_l"] for it in good])]).to(device)
                     b = len(good)
-                    if kind == "dist":
-                        mean, std = backbone.encode_images_dist(px)
-                        lat["w_std"].append(_cast(std[:b].cpu(), store))
-                        lat["l_std"].append(_cast(std[b:].cpu(), store))
-                    else:
-                        gen = torch.Generator().manual_seed(seed * 1_000_003 + batch[0][0])
-                        mean = backbone.encode_images(px, generator=gen)
-                    lat["w_mean"].append(_cast(mean[:b].cpu(), store))
-                    lat["l_mean"].append(_cast(mean[b:].cpu(), store))
+                    views = [("", px), ("_flip", px.flip(-1))] if flips else [("", px)]
+                    for suffix, images in views:  # the flipped images are encoded, never flipped latents
+                        if kind == "dist":
+                            mean, std = backbone.encode_images_dist(images)
+                            lat["w_std" + suffix].append(_cast(std[:b].cpu(), store))
+                            lat["l_std" + suffix].append(_cast(std[b:].cpu(), store))
+                        else:
+                            gen = torch.Generator().manual_seed(seed * 1_000_003 + batch[0][0] + (bool(suffix) << 40))
+                            mean = backbone.encode_images(images, generator=gen)
+                        lat["w_mean" + suffix].append(_cast(mean[:b].cpu(), store))
+                        lat["l_mean" + suffix].append(_cast(mean[b:].cpu(), store))
                     rows += [it["row"] for it in good]
                     weights += [it["weight"] for it in good]
                     captions += [it["caption"] for it in good]
@@ -409,7 +424,8 @@ class CachedPairs(Dataset):
     Args:
         cache_dir: the cache directory.
         sample: draw ``mean + std * randn`` (default) or return the posterior mean.
-        hflip: flip both latents of a pair along the width with probability 0.5.
+        hflip: with probability 0.5 per item, return the cached latents of the horizontally flipped
+            images (both images of the pair); needs a cache built with ``flips=True``.
         check_stale: compare the data files with the fingerprint in ``meta.json`` (a changed file
             is a :class:`StaleCacheError`; a missing one only a warning).
         dtype: type of the returned floating tensors (default float32).
@@ -427,6 +443,13 @@ class CachedPairs(Dataset):
         self.dir = Path(cache_dir)
         self.meta = _read_meta(self.dir)
         self.sample, self.hflip, self.dtype = sample, hflip, dtype
+        if hflip and not self.meta.get("flips"):
+            raise CacheError(
+                f"{self.dir}: this cache holds no latents of flipped images (built with --no-flips or by an older "
+                "version), and flipping latents is not flipping images. Set data.random_flip: false to train from "
+                "it as it is, or rebuild data.cache_dir with `diffalign cache ... --overwrite` (flips are cached "
+                "by default)"
+            )
         if not self.meta.get("complete"):
             raise CacheError(
                 f"{self.dir}: cache is incomplete ({len(self.meta.get('shards', []))} of "
@@ -507,30 +530,32 @@ class CachedPairs(Dataset):
                 "captions": json.loads(md.get("captions", "[]")),
                 "cond_keys": sorted(n[5:] for n in keys if n.startswith("cond.")),
                 "has_std": "latents_w_std" in keys,
+                "has_flip": "latents_w_mean_flip" in keys,
             }
         return h
 
-    def raw(self, i: int) -> dict[str, Any]:
-        """The stored tensors of pair ``i`` (means, stds when present, cond), no sampling or flip."""
+    def raw(self, i: int, flipped: bool = False) -> dict[str, Any]:
+        """The stored tensors of pair ``i`` (means, stds when present, cond), no sampling; with
+        ``flipped=True`` those of the flipped images (keys without the ``_flip`` suffix)."""
         k, j = self._locate(i)
         h = self._handle(k)
         s = self._small[k]
+        if flipped and not s["has_flip"]:
+            raise CacheError(f"{self.shards[k]}: holds no latents of flipped images")
         out: dict[str, Any] = {"caption": s["captions"][j], "weight": s["weight"][j], "row": s["rows"][j]}
         names = ["latents_w_mean", "latents_l_mean"] + (["latents_w_std", "latents_l_std"] if s["has_std"] else [])
         for n in names:
-            out[n] = _cast(h.get_slice(n)[j : j + 1][0], self.dtype)
+            out[n] = _cast(h.get_slice(n + "_flip" * flipped)[j : j + 1][0], self.dtype)
         ci = s["cond_index"][j]
         out["cond"] = {key: _cast(h.get_slice("cond." + key)[ci : ci + 1][0], self.dtype) for key in s["cond_keys"]}
         return out
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        r = self.raw(i)
+        r = self.raw(i, flipped=self.hflip and bool(torch.rand(()) < 0.5))
         w, lo = r["latents_w_mean"], r["latents_l_mean"]
         if self.sample and "latents_w_std" in r:
             w = w + r["latents_w_std"] * torch.randn_like(w)
             lo = lo + r["latents_l_std"] * torch.randn_like(lo)
-        if self.hflip and bool(torch.rand(()) < 0.5):
-            w, lo = w.flip(-1), lo.flip(-1)
         return {"caption": r["caption"], "latents_w": w, "latents_l": lo, "cond": r["cond"],
                 "weight": r["weight"], "row": r["row"]}
 
@@ -591,6 +616,7 @@ def cache_main(args: argparse.Namespace) -> int:
             num_workers=args.num_workers,
             overwrite=args.overwrite,
             model_id=str(Path(args.model).resolve()),
+            flips=not args.no_flips,
         )
     except (PairDataError, CacheError) as e:
         print(f"diffalign cache: error: {e}", file=sys.stderr)

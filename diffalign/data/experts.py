@@ -31,6 +31,15 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
+def _read_utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise PairDataError(f"{path}: line {line}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at byte offset "
+                            f"{e.start}); save the file as UTF-8") from None
+
+
 def _caption_file(image: Path) -> Path:
     own = image.with_suffix(".txt")
     return own if own.is_file() or image.stem != "image" else image.parent / "caption.txt"
@@ -41,7 +50,7 @@ def list_experts(source: str | Path) -> list[tuple[Path, Path | None, str | None
     p = Path(source)
     if p.is_file() and p.suffix.lower() == ".jsonl":
         out = []
-        for line_no, line in enumerate(p.read_text().splitlines(), 1):
+        for line_no, line in enumerate(_read_utf8(p).splitlines(), 1):
             if not line.strip():
                 continue
             where = f"{p}: line {line_no}"
@@ -73,7 +82,7 @@ class ExpertImages(Dataset):
                 if caption is None:
                     if cap_file is None or not cap_file.is_file():
                         raise PairDataError(f"{where}: no caption file {cap_file}")
-                    caption = cap_file.read_text().strip()
+                    caption = _read_utf8(cap_file).strip()
                 if not isinstance(caption, str) or not caption.strip():
                     raise PairDataError(f"{where}: empty caption")
                 if not img.is_file():

@@ -45,10 +45,21 @@ integer box filter (JPEG: decoded at reduced scale) to keep memory in proportion
 short side resized to ``resolution`` (``interpolation`` bilinear by
 default, as the official code, antialiased, clamped to [0,1]); a center crop (or a random crop with
 ``random_crop=True``) to ``resolution`` x ``resolution``; a random horizontal flip with
-``random_flip=True`` (the official default). With ``same_augment=True`` (default, like the diffusers
-DPO port, which transforms the channel-concatenated pair) both images of a pair share the flip and
-the relative crop position; ``same_augment=False`` draws them independently per image, as the
-official Diffusion-DPO ``train.py`` does.
+``random_flip=True`` (the official default). With ``same_augment=True`` (default) both images of a
+pair share the flip and the relative crop position: the two images are then compared under the same
+view, so the pair differs only in what the labeller judged, and the DPO loss (same noise and timestep
+for both images) is not fed a difference that comes from the augmentation. This is our choice, not
+the references': the official Diffusion-DPO ``train.py`` and the diffusers DPO port
+(``train_diffusion_dpo.py``) both apply their torchvision transforms to each image of a pair
+separately (independent flips and random crops) before concatenating them on the channel axis;
+``same_augment=False`` reproduces that.
+
+Data checks beyond the bad rows: a row whose two images are the same file (``jpg_0 == jpg_1`` after
+resolving paths) carries no preference and is a bad row ("same image"); a row that repeats an
+earlier row's caption and image pair (either order) is kept, as the references keep it, but counted
+in ``warn_counts["duplicate row"]`` and summarised in one warning naming the first repeat. Images
+stored as bytes are not compared. A JSONL line that is not UTF-8 is a bad row naming the file, row,
+line and byte offset.
 """
 
 from __future__ import annotations
@@ -314,7 +325,10 @@ class PreferencePairs(Dataset):
         self._captions: list[str] = []
         self._refs: list[tuple[Any, Any]] = []  # resolved Path, or None (lazy parquet bytes)
         self.skip_counts: Counter[str] = Counter()
+        self.warn_counts: Counter[str] = Counter()  # rows kept, with a warning (duplicates)
         self._first_skip: str | None = None
+        self._first_warn: str | None = None
+        seen_pairs: dict[tuple[str, frozenset[Path]], str] = {}
         self.num_ties = 0
         self.num_source_rows = 0
         self._rg_cache: OrderedDict[tuple[int, int], dict[str, list[Any]]] = OrderedDict()
@@ -340,9 +354,17 @@ class PreferencePairs(Dataset):
                     caption = _check_caption(rec.get("caption"), max_caption_chars)
                     label = _check_label(rec.get("label_0"))
                     refs = (self._resolve_ref(src, rec, "jpg_0"), self._resolve_ref(src, rec, "jpg_1"))
+                    if refs[0] is not None and refs[0] == refs[1]:
+                        raise _BadRow("same image", f"jpg_0 and jpg_1 are the same file ({refs[0]}): no preference")
                 except _BadRow as e:
                     self._bad(src.where(local), e)
                     continue
+                if refs[0] is not None and refs[1] is not None:
+                    key = (caption, frozenset(refs))
+                    first = seen_pairs.setdefault(key, src.where(local))
+                    if first != src.where(local):
+                        self.warn_counts["duplicate row"] += 1
+                        self._first_warn = self._first_warn or f"{src.where(local)} repeats {first}"
                 if label == 0.5 and ties == "drop":
                     self.num_ties += 1
                     continue
@@ -399,6 +421,11 @@ class PreferencePairs(Dataset):
                 "%s: skipped %d bad row(s) of %d (%s); first: %s",
                 self.path, total, self.num_source_rows, reasons, self._first_skip,
             )
+        if self.warn_counts:
+            logger.warning(
+                "%s: %s (kept); first: %s", self.path,
+                ", ".join(f"{v} {k}(s)" for k, v in sorted(self.warn_counts.items())), self._first_warn,
+            )
         if len(self) == 0:
             raise PairDataError(f"{self.path}: no usable preference pairs ({self.num_source_rows} rows read)")
 
@@ -412,8 +439,19 @@ class PreferencePairs(Dataset):
 
     def _read_jsonl(self, src: _Source) -> list[Any]:
         rows: list[Any] = []
-        with open(src.path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
+        with open(src.path, "rb") as fh:
+            offset = 0
+            for lineno, raw in enumerate(fh, start=1):
+                offset, start = offset + len(raw), offset
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    src.lines.append(lineno)
+                    rows.append(_BadRow("not UTF-8", f"not UTF-8 text: byte 0x{raw[e.start]:02x} at byte offset "
+                                        f"{start + e.start} of the file (save the file as UTF-8)"))
+                    continue
+                if lineno == 1:
+                    line = line.removeprefix("\ufeff")  # a UTF-8 byte-order mark
                 if not line.strip():
                     continue
                 src.lines.append(lineno)

@@ -12,11 +12,23 @@ import numpy as np
 from PIL import Image
 
 
-def write_rendered_pairs(out_dir: str | Path, n: int = 64, seed: int = 0, size: int = 32) -> Path:
-    """Write ``n`` pairs as ``out_dir/pairs.jsonl`` + ``out_dir/images/*.png`` (Pick-a-Pic schema)."""
+def write_rendered_pairs(
+    out_dir: str | Path, n: int = 64, seed: int = 0, size: int = 32, overwrite: bool = False
+) -> Path:
+    """Write ``n`` pairs as ``out_dir/pairs.jsonl`` + ``out_dir/images/*.png`` (Pick-a-Pic schema).
+
+    An existing ``pairs.jsonl`` is a :class:`FileExistsError` unless ``overwrite=True``, which also
+    removes the images an earlier call wrote (so none is left that the new file does not list)."""
     from ..toyworld.shapes import COLORS, render, sample_scene
 
     out = Path(out_dir)
+    path = out / "pairs.jsonl"
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: already exists; pass --overwrite (overwrite=True) to replace it and its "
+                              "images, or choose another folder")
+    if overwrite and (out / "images").is_dir():
+        for old in (out / "images").glob("[0-9][0-9][0-9][0-9][0-9]_[01].png"):
+            old.unlink()
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     rows = []
@@ -35,6 +47,5 @@ def write_rendered_pairs(out_dir: str | Path, n: int = 64, seed: int = 0, size: 
             Image.fromarray((np.transpose(img, (1, 2, 0)) * 255).round().astype(np.uint8)).save(out / name)
             names.append(name)
         rows.append({"caption": scene.caption(), "jpg_0": names[0], "jpg_1": names[1], "label_0": 1 if winner_first else 0})
-    path = out / "pairs.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path

@@ -16,12 +16,14 @@ facts a resume must agree with (model, LoRA, objective) and the manifest.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,48 @@ FORMAT = 2
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is incomplete, damaged or does not fit the run; the message names the file."""
+
+
+LOW_SPACE = 256 << 20  # a failed write with less free space than this is reported as a full disk
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def write_error_message(e: BaseException, path: str | Path, what: str = "checkpoint") -> str:
+    """One line for a failed write under ``path``: disk full, read-only or not writable, else the cause.
+
+    torch.save reports a full disk as ``[enforce fail at inline_container.cc] ... unexpected pos``
+    or ``file write failed`` (no errno), so after any failure the free space is measured too."""
+    path = Path(path)
+    code = getattr(e, "errno", None)
+    try:
+        free = shutil.disk_usage(_existing(path)).free
+    except OSError:
+        free = None
+    text = str(e).lower()
+    if code in (errno.ENOSPC, errno.EDQUOT) or "no space left" in text or (free is not None and free < LOW_SPACE):
+        room = f" ({free / 2**20:.0f} MiB free)" if free is not None else ""
+        return f"cannot write {what} {path}: no space left on device{room}; free some space and run again"
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM) or not os.access(_existing(path), os.W_OK):
+        return f"cannot write {what} {path}: the folder is read-only or not writable ({type(e).__name__}: {e})"
+    return f"cannot write {what} {path}: {type(e).__name__}: {e}"
+
+
+@contextlib.contextmanager
+def writing(path: str | Path, what: str = "checkpoint") -> Iterator[None]:
+    """Turn an ``OSError``/``RuntimeError`` raised while writing ``path`` (torch.save, safetensors,
+    accelerate) into a :class:`CheckpointError` naming the path and the cause; completed checkpoints
+    are never touched by a failed write (they are renamed into place only when complete)."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (OSError, RuntimeError) as e:
+        raise CheckpointError(write_error_message(e, path, what)) from e
 
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
@@ -91,9 +135,10 @@ def begin_checkpoint(output_dir: str | Path, step: int) -> tuple[Path, Path]:
     """Create an empty temporary folder for checkpoint ``step``; returns (tmp, final)."""
     final = checkpoint_dir(output_dir, step)
     tmp = final.with_name(f".tmp_{final.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    with writing(tmp):
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
     return tmp, final
 
 
@@ -139,6 +184,14 @@ def finish_checkpoint(
     """Write the manifest and metadata into ``tmp``, rename it to ``final`` (atomic on one file
     system), keep the last ``keep`` (0: all). A checkpoint of the same step is replaced without a
     moment where neither copy is complete."""
+    with writing(tmp):
+        return _finish_checkpoint(output_dir, tmp, final, step, keep, extra, checksums)
+
+
+def _finish_checkpoint(
+    output_dir: str | Path, tmp: Path, final: Path, step: int, keep: int, extra: dict[str, Any] | None,
+    checksums: bool,
+) -> Path:
     meta = {"format": FORMAT, "step": step, **(extra or {}), "files": manifest(tmp, checksums)}
     meta["meta_sha256"] = _meta_digest(meta)
     meta_tmp = tmp / (META + ".part")
@@ -178,9 +231,16 @@ def save_checkpoint(
     output_dir: str | Path, step: int, write: Callable[[Path], None], keep: int = 3, extra: dict[str, Any] | None = None,
     checksums: bool = True,
 ) -> Path:
-    """Single-process form: ``write(tmp)`` between begin and finish."""
+    """Single-process form: ``write(tmp)`` between begin and finish. A failed write is a
+    :class:`CheckpointError` naming the folder and the cause (disk full, read-only); the partial
+    folder is removed and the earlier checkpoints are left as they are."""
     tmp, final = begin_checkpoint(output_dir, step)
-    write(tmp)
+    try:
+        with writing(tmp):
+            write(tmp)
+    except CheckpointError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return finish_checkpoint(output_dir, tmp, final, step, keep, extra, checksums)
 
 

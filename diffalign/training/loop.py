@@ -43,9 +43,10 @@ from tqdm.auto import tqdm
 
 from ..backbones.lora import has_adapter
 from ..backbones.modules import unwrap
-from ..config import RunConfig, dump_config
+from ..config import RunConfig
 from ..objectives import build_objective
 from . import checkpoints as ckpt
+from . import runfolder
 from .batches import SeededItems, batch_seed, endless_batches, model_inputs
 from .export import sample_grid, save_weights
 from .launch import LaunchError, StopSignals, check_launch, cpu_processes_requested, worker_ignores_stop_signals
@@ -63,20 +64,25 @@ class NonFiniteError(RuntimeError):
     """``train.max_nonfinite_steps`` consecutive steps had a non-finite loss or gradient."""
 
 
-def train(cfg: RunConfig, resume: str | None = None) -> dict[str, Any]:
+def train(cfg: RunConfig, resume: str | None = None, *, overwrite: bool = False,
+          allow_config_change: bool = False) -> dict[str, Any]:
     """Run ``cfg`` to ``cfg.train.steps`` optimizer steps; returns the last metrics and output paths.
 
     ``resume``: ``None`` (a fresh run; an error if ``output_dir`` already holds checkpoints),
     ``"latest"`` (the newest loadable checkpoint; an error if there is none), ``"auto"`` (latest if
     any, else fresh) or a checkpoint folder. ``result["status"]`` is ``"completed"`` or
     ``"interrupted"`` (then ``result["signal"]`` names the signal and ``result["checkpoint"]`` the
-    checkpoint it saved).
+    checkpoint it saved). The run folder (runfolder.py): one run at a time; ``overwrite`` replaces an
+    earlier run's results; a finished run is returned as it is; ``allow_config_change`` lets a resume
+    change keys beyond the bookkeeping ones.
     """
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
     t = cfg.train
     out = Path(t.output_dir)
+    if resume and (done := runfolder.finished_run(cfg, out)):
+        return done
     check_launch()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     accelerator = Accelerator(
@@ -92,12 +98,13 @@ def train(cfg: RunConfig, resume: str | None = None) -> dict[str, Any]:
             f"launched as {world} processes (WORLD_SIZE) but accelerate set up {accelerator.num_processes}: "
             "each would train alone and they would overwrite each other's output"
         )
-    resume = resolve_resume_mode(out, resume)
-    with StopSignals() as stop:
-        return _run(cfg, resume, accelerator, stop)
+    with runfolder.lock(out, enabled=accelerator.is_main_process), StopSignals() as stop:
+        runfolder.prepare(out, resume, overwrite, accelerator.is_main_process)
+        return _run(cfg, resolve_resume_mode(out, resume), accelerator, stop, allow_config_change)
 
 
-def _run(cfg: RunConfig, resume: str | None, accelerator: Any, stop: StopSignals) -> dict[str, Any]:
+def _run(cfg: RunConfig, resume: str | None, accelerator: Any, stop: StopSignals,
+         allow_config_change: bool = False) -> dict[str, Any]:
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
 
@@ -109,7 +116,7 @@ def _run(cfg: RunConfig, resume: str | None, accelerator: Any, stop: StopSignals
     if main:
         out.mkdir(parents=True, exist_ok=True)
         ckpt.clean_partial(out)
-        dump_config(cfg, out / "config.yaml")
+        runfolder.write_config(cfg, out, resuming=bool(resume), allow_config_change=allow_config_change)
 
     # --- model, objective, data, optimizer ----------------------------------------------------------
     backbone = build_backbone(cfg, accelerator.device)
@@ -178,9 +185,10 @@ def _run(cfg: RunConfig, resume: str | None, accelerator: Any, stop: StopSignals
         if main:
             tmp, final = ckpt.begin_checkpoint(out, step)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp / "state"))
-        save_extra_state(tmp / "state", rank, ema if main else None, stateful)
-        export_weights(tmp)
+        with ckpt.writing(tmp):  # a full disk or a read-only folder: one line naming the path
+            accelerator.save_state(str(tmp / "state"))
+            save_extra_state(tmp / "state", rank, ema if main else None, stateful)
+            export_weights(tmp)
         accelerator.wait_for_everyone()  # every process's files are in before the manifest is taken
         if main:
             final = ckpt.finish_checkpoint(out, tmp, final, step, keep=t.keep_checkpoints,
@@ -285,12 +293,13 @@ def _run(cfg: RunConfig, resume: str | None, accelerator: Any, stop: StopSignals
             logger.warning("%s: stopped at step %d; %s", stop_signal, step,
                            f"checkpoint {final}" if final else "no step taken, nothing to save")
     else:
-        weights = export_weights(out / "final")
-        if main:
-            result["weights"] = str(weights)
-            if not fsdp:
-                result["samples"] = str(sample_grid(backbone, cfg, out / "samples" / "final.png"))
-            (out / "final" / "result.json").write_text(json.dumps(result, indent=2))
+        with ckpt.writing(out / "final", "the final results to"):
+            weights = export_weights(out / "final")
+            if main:
+                result["weights"] = str(weights)
+                if not fsdp:
+                    result["samples"] = str(sample_grid(backbone, cfg, out / "samples" / "final.png"))
+                (out / "final" / "result.json").write_text(json.dumps(result, indent=2))
     accelerator.end_training()
     return result
 
@@ -319,4 +328,5 @@ def _update(accelerator: Any, optimizer: Any, lr_scheduler: Any, params: list[to
 def _data_report(dataset: Any) -> dict[str, Any]:
     counts = dict(getattr(dataset, "skip_counts", {}) or {})
     return {"items": len(dataset), "skipped_rows": sum(counts.values()), "skipped_by_reason": counts,
-            "skipped_at_load": int(getattr(dataset, "load_skips", 0))}
+            "skipped_at_load": int(getattr(dataset, "load_skips", 0)),
+            "warnings": dict(getattr(dataset, "warn_counts", {}) or {})}

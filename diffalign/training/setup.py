@@ -33,7 +33,12 @@ def build_backbone(cfg: RunConfig, device: torch.device | str = "cpu") -> Backbo
     if m.lora:
         if frozen != torch.float32:
             bb.denoiser.to(dtype=frozen)  # the base weights are frozen too
-        n = add_lora(bb, rank=m.lora_rank, alpha=m.lora_alpha, targets=m.lora_targets, init=m.lora_init)
+        try:
+            n = add_lora(bb, rank=m.lora_rank, alpha=m.lora_alpha, targets=m.lora_targets, init=m.lora_init)
+        except Exception as e:  # peft's errors name its own arguments, not our keys
+            key = "model.lora_targets" if "target" in str(e).lower() else "model.lora_init / model.lora_rank"
+            raise ValueError(f"{key}: peft refused the LoRA (lora_targets {list(m.lora_targets)}, lora_init "
+                             f"{m.lora_init!r}, lora_rank {m.lora_rank}): {type(e).__name__}: {e}") from e
         for p in bb.trainable_parameters():  # LoRA weights train in fp32
             p.data = p.data.float()
         logger.info("LoRA rank %d on %s: %d trainable parameters", m.lora_rank, m.lora_targets, n)

@@ -49,6 +49,7 @@ def _build(ds, bb, out, **kw):
     kw.setdefault("progress", False)
     kw.setdefault("shard_size", 3)
     kw.setdefault("dtype", "float32")
+    kw.setdefault("flips", False)  # the flipped views have their own tests below
     return build_cache(ds, bb, out, kw.pop("batch_size", 2), **kw)
 
 
@@ -104,7 +105,7 @@ def test_collate_and_is_cached_batch(make_pairs, h, tmp_path) -> None:
     assert not is_cached_batch(collate_pairs([ds[0], ds[1]]))
 
 
-def test_sampling_uses_std_and_hflip_flips_both(make_pairs, h, tmp_path) -> None:
+def test_sampling_uses_std(make_pairs, h, tmp_path) -> None:
     _build(_dataset(make_pairs(SPECS)), h.FakeBackbone(), tmp_path / "cache")
     cached = CachedPairs(tmp_path / "cache")
     raw = cached.raw(0)
@@ -112,22 +113,60 @@ def test_sampling_uses_std_and_hflip_flips_both(make_pairs, h, tmp_path) -> None
     z = (draws - raw["latents_w_mean"]) / raw["latents_w_std"]
     assert not torch.equal(draws[0], draws[1])
     assert abs(float(z.mean())) < 0.1 and abs(float(z.std()) - 1) < 0.1
-    half = h.solid("red", (16, 16))
-    half.paste((0, 0, 255), (0, 0, 8, 16))  # asymmetric, so that a flip shows
-    half.save(tmp_path / "half.png")
-    path = h.write_jsonl(tmp_path / "half.jsonl", [{"caption": "c", "jpg_0": "half.png", "jpg_1": "half.png", "label_0": 1}])
-    _build(_dataset(path), h.FakeBackbone(), tmp_path / "half")
-    flip = CachedPairs(tmp_path / "half", sample=False, hflip=True)
-    raw = flip.raw(0)
-    assert not torch.equal(raw["latents_w_mean"], raw["latents_w_mean"].flip(-1))
+
+
+def _asymmetric_pair(h, tmp_path: Path) -> Path:
+    for name, (a, b) in {"w.png": ((255, 0, 0), (0, 0, 255)), "l.png": ((0, 255, 0), (255, 255, 0))}.items():
+        img = h.solid("red", (32, 32))
+        img.paste(a, (0, 0, 32, 32))
+        img.paste(b, (0, 0, 11, 32))  # asymmetric, so that a flip shows
+        img.save(tmp_path / name)
+    return h.write_jsonl(tmp_path / "asym.jsonl", [{"caption": "c", "jpg_0": "w.png", "jpg_1": "l.png", "label_0": 1}])
+
+
+def test_hflip_needs_a_cache_with_flips(make_pairs, h, tmp_path) -> None:
+    _build(_dataset(make_pairs(SPECS)), h.FakeBackbone(), tmp_path / "noflip")
+    CachedPairs(tmp_path / "noflip", hflip=False)
+    with pytest.raises(CacheError, match=r"data\.random_flip: false.*data\.cache_dir"):
+        CachedPairs(tmp_path / "noflip", hflip=True)
+
+
+def test_cached_flip_is_the_latents_of_the_flipped_images(h, tmp_path) -> None:
+    """The VAE is not flip-equivariant: a flipped item must be the encoding of the flipped images,
+    never the flip of the cached latents (the bug this replaces)."""
+    from diffalign.backbones import load_backbone
+    from diffalign.backbones.tiny import build_tiny_pipeline
+
+    bb = load_backbone(build_tiny_pipeline("sd15"))
+    ds = PreferencePairs(_asymmetric_pair(h, tmp_path), 32, random_flip=False)
+    meta = build_cache(ds, bb, tmp_path / "c", 2, progress=False, dtype="float32")  # flips=True: the default
+    assert meta["flips"] is True
+    px = torch.stack([ds[0]["pixels_w"], ds[0]["pixels_l"]])
+    plain, _ = bb.encode_images_dist(px)
+    flipped, flipped_std = bb.encode_images_dist(px.flip(-1))
+    assert (flipped - plain.flip(-1)).abs().max() > 1e-2  # the case that matters: flipping latents is wrong
+    cached = CachedPairs(tmp_path / "c", sample=False, hflip=True)
+    raw = cached.raw(0, flipped=True)
+    assert torch.allclose(raw["latents_w_std"], flipped_std[0], atol=1e-5)
     seen = set()
-    for _ in range(30):
-        it = flip[0]
-        fw = torch.equal(it["latents_w"], raw["latents_w_mean"].flip(-1))
-        fl = torch.equal(it["latents_l"], raw["latents_l_mean"].flip(-1))
-        assert fw == fl
-        seen.add(fw)
+    for _ in range(40):
+        it = cached[0]
+        is_flip = torch.allclose(it["latents_w"], flipped[0], atol=1e-5)
+        assert is_flip or torch.allclose(it["latents_w"], plain[0], atol=1e-5)
+        target_l = flipped[1] if is_flip else plain[1]  # one flip shared by the pair
+        assert torch.allclose(it["latents_l"], target_l, atol=1e-5)
+        seen.add(is_flip)
     assert seen == {True, False}
+    # the on-the-fly pipeline's flipped item encodes to the same latents as the cached flipped view
+    otf = PreferencePairs(tmp_path / "asym.jsonl", 32, random_flip=True)
+    for _ in range(20):
+        it = otf[0]
+        if not torch.equal(it["pixels_w"], ds[0]["pixels_w"]):
+            mean, _ = bb.encode_images_dist(torch.stack([it["pixels_w"], it["pixels_l"]]))
+            assert torch.allclose(mean, flipped, atol=1e-5)
+            break
+    else:
+        pytest.fail("no flipped item in 20 draws")
 
 
 def test_float16_storage(make_pairs, h, tmp_path) -> None:

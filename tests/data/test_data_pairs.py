@@ -276,7 +276,7 @@ def test_all_modes_through_dataset_are_rgb_float(tmp_path, h) -> None:
     recs = []
     for k, im in imgs.items():
         im.save(tmp_path / f"{k}.png")
-        recs.append({"caption": k, "jpg_0": f"{k}.png", "jpg_1": "gray.png", "label_0": 1})
+        recs.append({"caption": k, "jpg_0": f"{k}.png", "jpg_1": "rgba.png" if k == "gray" else "gray.png", "label_0": 1})
     ds = _ds(h.write_jsonl(tmp_path / "p.jsonl", recs))
     for i in range(len(ds)):
         x = ds[i]["pixels_w"]
@@ -308,7 +308,8 @@ def test_flip_shared_within_pair(tmp_path, h) -> None:
     a = np.zeros((8, 8, 3), np.uint8)
     a[:, 4:, 0] = 255
     Image.fromarray(a).save(tmp_path / "half.png")
-    path = h.write_jsonl(tmp_path / "p.jsonl", [{"caption": "c", "jpg_0": "half.png", "jpg_1": "half.png", "label_0": 1}])
+    Image.fromarray(a).save(tmp_path / "half2.png")  # one file twice in a row is a bad row
+    path = h.write_jsonl(tmp_path / "p.jsonl", [{"caption": "c", "jpg_0": "half.png", "jpg_1": "half2.png", "label_0": 1}])
     torch.manual_seed(0)
     shared = PreferencePairs(path, 8, random_flip=True)
     states = [(_flipped(it["pixels_w"]), _flipped(it["pixels_l"])) for it in (shared[0] for _ in range(40))]
@@ -323,7 +324,8 @@ def test_flip_shared_within_pair(tmp_path, h) -> None:
 def test_random_crop_shared_position(tmp_path, h) -> None:
     grad = np.tile(np.linspace(0, 255, 32).astype(np.uint8)[None, :, None], (8, 1, 3))
     Image.fromarray(grad).save(tmp_path / "g.png")
-    path = h.write_jsonl(tmp_path / "p.jsonl", [{"caption": "c", "jpg_0": "g.png", "jpg_1": "g.png", "label_0": 0}])
+    Image.fromarray(grad).save(tmp_path / "g2.png")
+    path = h.write_jsonl(tmp_path / "p.jsonl", [{"caption": "c", "jpg_0": "g.png", "jpg_1": "g2.png", "label_0": 0}])
     ds = PreferencePairs(path, 8, random_crop=True, random_flip=False)
     lefts = set()
     for _ in range(30):

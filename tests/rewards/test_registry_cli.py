@@ -87,7 +87,7 @@ def test_score_cli_errors(setup, tmp_path, capsys):
     cases = [
         (["--reward", f"pickscore={model_dir}", "--images", str(img_dir), "--prompts", str(two)], "2 prompts for 3 images"),
         (["--reward", f"pickscore={model_dir}", "--images", str(tmp_path / "none"), "--prompts", str(two)], "does not exist"),
-        (["--reward", "pickscore", "--images", str(img_dir), "--prompts", str(prompts)], "expected NAME=PATH"),
+        (["--reward", "pickscore", "--images", str(img_dir), "--prompts", str(prompts)], "pickscore: no path given"),
         (["--reward", f"pickscore={tmp_path / 'nowhere'}", "--images", str(img_dir), "--prompts", str(prompts)], "not found"),
         (["--reward", f"nope={model_dir}", "--images", str(img_dir), "--prompts", str(prompts)], "unknown reward"),
         (["--reward", f"pickscore={model_dir}", "--reward-arg", "clip.x=1", "--images", str(img_dir),
