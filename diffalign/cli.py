@@ -123,16 +123,18 @@ def _sample(args: argparse.Namespace, _: list[str]) -> int:
         raise ValueError("--guidance reward needs --reward NAME=PATH (a differentiable reward or Ensemble)")
     if (args.best_of > 1 or args.reject_below is not None) and not args.reward:
         raise ValueError("--best-of / --reject-below need --reward NAME=PATH to select by")
-    out = sample(
-        args.model, prompts, lora=args.lora, steps=args.steps, guidance_scale=args.guidance_scale,
-        negative_prompt=args.negative_prompt, seed=args.seed, images_per_prompt=args.images_per_prompt,
-        size=args.size, batch_size=args.batch_size, scheduler=args.scheduler, guidance=args.guidance,
-        rlg_scale=1.0 if args.rlg_scale is None else args.rlg_scale, rlg_mode=args.rlg_mode,
-        zero_init_step=args.zero_init_step, rlg_batched=not args.rlg_sequential, reward=args.reward,
-        reward_scale=1.0 if args.reward_scale is None else args.reward_scale,
-        reward_schedule=args.reward_schedule, reward_normalize=args.reward_normalize, best_of=args.best_of,
-        reject_below=args.reject_below, device=args.device, dtype=args.dtype, progress=not args.no_progress,
-    )
+    model, lora, ctx = _personalized_model(args)
+    with ctx:
+        out = sample(
+            model, prompts, lora=lora, steps=args.steps, guidance_scale=args.guidance_scale,
+            negative_prompt=args.negative_prompt, seed=args.seed, images_per_prompt=args.images_per_prompt,
+            size=args.size, batch_size=args.batch_size, scheduler=args.scheduler, guidance=args.guidance,
+            rlg_scale=1.0 if args.rlg_scale is None else args.rlg_scale, rlg_mode=args.rlg_mode,
+            zero_init_step=args.zero_init_step, rlg_batched=not args.rlg_sequential, reward=args.reward,
+            reward_scale=1.0 if args.reward_scale is None else args.reward_scale,
+            reward_schedule=args.reward_schedule, reward_normalize=args.reward_normalize, best_of=args.best_of,
+            reject_below=args.reject_below, device=args.device, dtype=args.dtype, progress=not args.no_progress,
+        )
     cli = {k: v for k, v in vars(args).items() if k not in ("func", "allow_overrides")}
     for old in (*out_dir.glob("*.png"), out_dir / "settings.json"):  # --overwrite: the earlier images go
         old.unlink(missing_ok=True)
@@ -368,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reject-below", type=float, default=None,
                    help="rejection sampling: stop at the first candidate scoring >= this (at most --best-of)")
     s.add_argument("--no-progress", action="store_true")
+    add_profile_arguments(s)
     s.set_defaults(func=_sample)
 
     sc = add_score_arguments(sub.add_parser("score", help="score images with reward models into a CSV"))
@@ -390,7 +393,83 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_parser(sub)
     _add_toyworld_parsers(sub)
     _add_bench_parsers(sub)
+    _add_personalization_parsers(sub)
     return p
+
+
+# --- personalization (#14): profile create, choose, sample --profile -------------------------------
+def add_profile_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--profile", default=None,
+                   help="a user profile, or a mix: alice.profile:0.7,bob.profile:0.3 (needs --injection)")
+    s.add_argument("--injection", default=None, help="the trained user injection (user_injection.safetensors)")
+    s.add_argument("--profile-scale", type=float, default=None, help="weight of the user branch (default: trained)")
+
+
+def _personalized_model(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """(model, lora, context): the plain model, or a backbone with the injection and the profile applied."""
+    import contextlib
+
+    if not (args.profile or args.injection):
+        return args.model, args.lora, contextlib.nullcontext()
+    if not (args.profile and args.injection):
+        raise ValueError("--profile and --injection go together: the profile is read by the trained injection")
+    from .personalization.commands import load_personalized
+    from .personalization.inject import personalized
+
+    bb, prof = load_personalized(args.model, args.injection, args.profile, lora=args.lora, scale=args.profile_scale,
+                                 device=args.device)
+    return bb, None, personalized(bb, prof.embedding)
+
+
+def _profile_create(args: argparse.Namespace, _: list[str]) -> int:
+    from .personalization.commands import profile_create
+    from .personalization.profiles import Profile
+
+    path = profile_create(args.pairs, args.user, args.out, args.encoder, min_pairs=args.min_pairs,
+                          resolution=args.resolution, overwrite=args.overwrite)
+    prof = Profile.load(path)
+    print(f"{path}: user {prof.user_id!r}, {prof.pairs} pairs, {prof.dim}-d embedding ({prof.encoder})")
+    return 0
+
+
+def _choose(args: argparse.Namespace, _: list[str]) -> int:
+    from .personalization.commands import choose
+
+    return choose(args.out, args.user, args.model, _read_prompts(args.prompts), host=args.host, port=args.port,
+                  encoder=args.encoder, min_pairs=args.min_pairs, steps=args.steps,
+                  guidance_scale=args.guidance_scale, lora=args.lora, device=args.device,
+                  resolution=args.resolution)
+
+
+def _add_personalization_parsers(sub: Any) -> None:
+    pr = sub.add_parser("profile", help="user profiles for personalization (from a few choices)")
+    psub = pr.add_subparsers(dest="profile_command", required=True)
+    c = psub.add_parser("create", help="embed one user's choices (pairs with user_id) into a profile file")
+    c.add_argument("--pairs", required=True, help="pairs file or folder (Pick-a-Pic schema with a user_id column)")
+    c.add_argument("--user", required=True, help="the user_id whose pairs make the profile")
+    c.add_argument("--out", required=True, help="the profile file to write, e.g. alice.profile")
+    c.add_argument("--encoder", required=True, help="user encoder: clip=DIR, open_clip=FILE@MODEL or vlm=DIR "
+                   "(the one the injection was trained with)")
+    c.add_argument("--min-pairs", type=int, default=4, help="fewest decided pairs accepted (default 4)")
+    c.add_argument("--resolution", type=int, default=224, help="image side the pairs are read at")
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(func=_profile_create)
+
+    ch = sub.add_parser("choose", help="a local web page to pick between two images; records pairs for a profile")
+    ch.add_argument("--model", required=True, help="diffusers pipeline folder that draws the images")
+    ch.add_argument("--user", required=True, help="your user id (recorded in every pair)")
+    ch.add_argument("--prompts", required=True, help="a text file (one prompt per line) or a prompt")
+    ch.add_argument("--out", required=True, help="folder for pairs.jsonl, images/ and the profile")
+    ch.add_argument("--lora", default=None)
+    ch.add_argument("--encoder", default=None, help="user encoder spec; enables 'create my profile' on the page")
+    ch.add_argument("--min-pairs", type=int, default=4)
+    ch.add_argument("--resolution", type=int, default=224)
+    ch.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    ch.add_argument("--port", type=int, default=7860)
+    ch.add_argument("--steps", type=int, default=30)
+    ch.add_argument("--guidance-scale", type=float, default=7.5)
+    ch.add_argument("--device", default=None)
+    ch.set_defaults(func=_choose)
 
 
 def add_score_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

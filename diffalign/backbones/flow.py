@@ -77,6 +77,7 @@ class FlowBackbone(Backbone):
             return model(
                 hidden_states=xt.to(dtype), timestep=t, encoder_hidden_states=c["encoder_hidden_states"].to(dtype),
                 pooled_projections=c["pooled_projections"].to(dtype), return_dict=False,
+                joint_attention_kwargs=_attention_kwargs(c),
             )[0]
         _, ch, h, w = xt.shape
         packed = self.pipe._pack_latents(xt.to(dtype), b, ch, h, w)
@@ -88,7 +89,7 @@ class FlowBackbone(Backbone):
         out = model(
             hidden_states=packed, timestep=(t / 1000).to(dtype), guidance=guidance,
             pooled_projections=c["pooled_projections"].to(dtype), encoder_hidden_states=c["encoder_hidden_states"].to(dtype),
-            txt_ids=txt_ids, img_ids=img_ids, return_dict=False,
+            txt_ids=txt_ids, img_ids=img_ids, return_dict=False, joint_attention_kwargs=_attention_kwargs(c),
         )[0]
         return _unpack(out, h, w)
 
@@ -116,6 +117,12 @@ class FlowBackbone(Backbone):
         else:
             scheduler.set_timesteps(steps, device=self.device)
         return scheduler.timesteps
+
+
+def _attention_kwargs(c: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """Extra attention inputs carried by the conditioning: a user embedding for personalization's
+    attention processors (diffalign.personalization.inject), else None."""
+    return {"user_embedding": c["user_embedding"]} if "user_embedding" in c else None
 
 
 def _unpack(x: torch.Tensor, h: int, w: int) -> torch.Tensor:

@@ -62,11 +62,14 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
             "no reference model: the denoiser has no LoRA adapter to disable and no frozen copy was made "
             "(use LoRA, or full fine-tuning, which keeps a frozen reference copy)"
         )
+    frozen = [p for n, p in model.named_parameters() if "lora_" in n and not p.requires_grad]
     model.disable_adapters()
     try:
         yield model
     finally:
-        model.enable_adapters()
+        model.enable_adapters()  # peft sets requires_grad=True on every adapter weight here ...
+        for p in frozen:  # ... so a LoRA that was frozen (e.g. PPD trains only its injection) stays frozen
+            p.requires_grad_(False)
 
 
 def lora_state_dict(backbone: Backbone, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

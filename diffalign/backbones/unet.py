@@ -79,9 +79,16 @@ class UNetBackbone(Backbone):
             t,
             encoder_hidden_states=c["encoder_hidden_states"].to(dtype),
             added_cond_kwargs=added,
+            cross_attention_kwargs=_attention_kwargs(c),
             return_dict=False,
         )[0]
         return out
+
+
+def _attention_kwargs(c: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """Extra attention inputs carried by the conditioning: a user embedding for personalization's
+    attention processors (diffalign.personalization.inject), else None."""
+    return {"user_embedding": c["user_embedding"]} if "user_embedding" in c else None
 
 
 def _unwrap_dtype(model: nn.Module) -> torch.dtype:

@@ -32,6 +32,8 @@ def model_inputs(batch: dict[str, Any], backbone: Backbone, prompt_dropout: floa
             lat = backbone.encode_images(torch.cat([batch["pixels_w"], batch["pixels_l"]]).to(dev))
             lw, ll = lat[:b], lat[b:]
         cond = backbone.encode_prompts(batch["captions"], dropout=prompt_dropout)
+    if batch.get("cond_extra"):  # more conditioning tensors from the data (e.g. user embeddings, personalization)
+        cond = Cond({**cond.tensors, **{k: v.to(dev) for k, v in batch["cond_extra"].items()}})
     weight = batch.get("weight")
     return {"latents_w": lw, "latents_l": ll, "cond": cond, "weight": None if weight is None else weight.to(dev)}
 

@@ -13,6 +13,7 @@ import torch
 
 from ..backbones.lora import has_adapter, save_lora
 from ..backbones.modules import unwrap
+from ..backbones.user_attention import has_injection, save_injection
 from ..config import RunConfig
 
 
@@ -20,6 +21,10 @@ def save_weights(backbone: Any, out_dir: Path, ema: Any = None, state: dict[str,
     """Write the LoRA (``out_dir/lora``) or the full denoiser (``out_dir/unet|transformer``); the EMA
     weights when ``ema`` is given; from ``state`` (a full state dict gathered by FSDP) when given."""
     model = unwrap(backbone.denoiser)
+    if has_injection(model):  # personalization's user branch: its own small file, beside the weights
+        target = out_dir / "user_injection.safetensors"
+        target.unlink(missing_ok=True)
+        save_injection(backbone, target)
     if has_adapter(model):
         return save_lora(backbone, out_dir / "lora", state_dict=state)
     target = out_dir / backbone.denoiser_name

@@ -90,6 +90,8 @@ def build_dataset(cfg: RunConfig, backbone: Backbone, kind: str = "pairs") -> tu
         ds = ExpertImages(d.train, backbone.resolution, on_bad_row=d.on_bad_row, random_flip=d.random_flip,
                           limit=d.limit)
         return ds, collate_experts, None
+    if kind == "user_pairs":  # multi-user pairs, each with its user's k-shot embedding (personalization)
+        return _user_pairs(cfg, backbone), _collate_user_pairs(), None
     if d.cache_dir:
         from ..data.cache import CachedPairs, collate_cached
 
@@ -104,6 +106,31 @@ def build_dataset(cfg: RunConfig, backbone: Backbone, kind: str = "pairs") -> tu
         random_flip=d.random_flip, random_crop=d.random_crop, limit=d.limit,
     )
     return ds, collate_pairs, None
+
+
+def _user_pairs(cfg: RunConfig, backbone: Backbone) -> Any:
+    """``data.users.UserPairs`` over the pixel pairs, embedded by the objective's user encoder."""
+    from ..data.pairs import PreferencePairs
+    from ..data.users import UserPairs
+    from ..personalization.encoder import load_encoder
+
+    d, o = cfg.data, cfg.objective
+    if d.cache_dir:
+        raise ValueError(f"data.cache_dir: objective {o.name!r} reads pixel pairs with user ids (leave it unset)")
+    if not o.encoder:
+        raise ValueError(f"objective.encoder: objective {o.name!r} needs a user encoder spec (e.g. clip=DIR)")
+    encoder = load_encoder(o.encoder, device=backbone.device)
+    if encoder.dim != o.embed_dim:
+        raise ValueError(f"objective.embed_dim is {o.embed_dim}, but the user encoder {o.encoder} gives {encoder.dim}")
+    pairs = PreferencePairs(d.train, resolution=backbone.resolution, image_root=d.image_root, ties=d.ties,
+                            on_bad_row=d.on_bad_row, random_flip=d.random_flip, random_crop=d.random_crop, limit=d.limit)
+    return UserPairs(pairs, encoder, k=o.k, embedding_dropout=o.embedding_dropout)
+
+
+def _collate_user_pairs() -> Any:
+    from ..data.users import collate_user_pairs
+
+    return collate_user_pairs
 
 
 def build_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter], num_processes: int = 1) -> torch.optim.Optimizer:

@@ -1,0 +1,189 @@
+"""User encoders: k (prompt, preferred, rejected) triples -> one fixed-size user embedding.
+
+Every encoder maps each triple to a vector ``g_i`` on its own (``encode_triples``); the user embedding
+pools them with an order-free mean and a unit norm::
+
+    e_u = normalize( (1/k) sum_i g(prompt_i, preferred_i, rejected_i) )
+
+so the embedding does not depend on the order of the pairs (the mean is taken in float64).
+
+Encoders (pluggable: anything with ``name``, ``dim`` and ``encode_triples``):
+
+* ``CLIPPairEncoder`` (default): ``g = normalize(f(preferred)) - normalize(f(rejected))`` with ``f``
+  the image features of a CLIP-family model the user has locally: a transformers ``CLIPModel`` folder
+  (the toy world's CLIP is one) or an open_clip state-dict file with its model name.
+* ``VLMEncoder`` (PPD's choice: a frozen vision-language model, LLaVA-OneVision in the paper): the
+  triple is written as one prompt with both images (``template``), and ``g`` is a hidden state of the
+  language model at ``layer``, the last token's (``pooling="last"``) or the mean over tokens
+  (``"mean"``). Any ``AutoModelForImageTextToText`` folder with its processor loads.
+
+``load_encoder("clip=PATH")``, ``load_encoder("open_clip=FILE@ViT-H-14")``, ``load_encoder("vlm=PATH")``
+build one from a spec string (what profiles record as their ``encoder``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+class EncoderError(ValueError):
+    """A user encoder that cannot be built or applied; the message names the spec or input."""
+
+
+class TripleEncoder(Protocol):
+    name: str  # the spec it was built from (recorded in profiles)
+    dim: int
+
+    def encode_triples(self, prompts: list[str], preferred: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+        """``[k]`` prompts and ``[k,3,H,W]`` images in [0,1] -> per-triple vectors ``[k, dim]``."""
+        ...
+
+
+def pool(g: torch.Tensor) -> torch.Tensor:
+    """Per-triple vectors ``[k, D]`` -> the unit-norm user embedding ``[D]`` (mean: order-free)."""
+    if g.ndim != 2 or g.shape[0] == 0:
+        raise EncoderError(f"need at least one triple to embed a user, got vectors of shape {tuple(g.shape)}")
+    m = g.double().mean(0)
+    return F.normalize(m, dim=0).float()
+
+
+def _check(prompts: list[str], preferred: torch.Tensor, rejected: torch.Tensor) -> None:
+    if preferred.shape != rejected.shape or preferred.ndim != 4 or preferred.shape[1] != 3:
+        raise EncoderError(f"preferred and rejected must both be [k,3,H,W]; got {tuple(preferred.shape)} "
+                           f"and {tuple(rejected.shape)}")
+    if len(prompts) != preferred.shape[0]:
+        raise EncoderError(f"{len(prompts)} prompts for {preferred.shape[0]} image pairs")
+
+
+@torch.no_grad()
+def user_embedding(
+    encoder: TripleEncoder, prompts: list[str], preferred: torch.Tensor, rejected: torch.Tensor, batch_size: int = 64
+) -> torch.Tensor:
+    """The user embedding ``[D]`` of k triples (any k >= 1; PPD uses 4)."""
+    return pool(encode_in_batches(encoder, prompts, preferred, rejected, batch_size))
+
+
+@torch.no_grad()
+def encode_in_batches(
+    encoder: TripleEncoder, prompts: list[str], preferred: torch.Tensor, rejected: torch.Tensor, batch_size: int = 64
+) -> torch.Tensor:
+    _check(prompts, preferred, rejected)
+    out = [encoder.encode_triples(prompts[i:i + batch_size], preferred[i:i + batch_size], rejected[i:i + batch_size])
+           for i in range(0, len(prompts), batch_size)]
+    return torch.cat(out).float().cpu() if out else torch.zeros(0, encoder.dim)
+
+
+class CLIPPairEncoder:
+    """``g = normalize(f(w)) - normalize(f(lose))`` with ``f`` a CLIP image tower (``rewards.clip_backbone``)."""
+
+    def __init__(self, clip: Any, name: str = "clip") -> None:
+        self.clip, self.name = clip.eval().requires_grad_(False), name
+        with torch.no_grad():
+            self.dim = int(self._features(torch.zeros(1, 3, clip.image_size, clip.image_size)).shape[-1])
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        from rewards.preprocess import clip_preprocess
+
+        dev = next(self.clip.parameters()).device
+        return F.normalize(self.clip.encode_image(clip_preprocess(images.float().to(dev), self.clip.image_size)).float(), dim=-1)
+
+    @torch.no_grad()
+    def encode_triples(self, prompts: list[str], preferred: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+        _check(prompts, preferred, rejected)
+        return self._features(preferred) - self._features(rejected)
+
+    @classmethod
+    def from_path(cls, path: str | Path, model_name: str | None = None, device: str | torch.device = "cpu") -> CLIPPairEncoder:
+        """A transformers CLIPModel folder, or an open_clip state-dict file (``model_name`` its config)."""
+        from rewards.clip_backbone import load_clip_backbone
+
+        p = Path(path)
+        if not p.exists():
+            raise EncoderError(f"user encoder: {p} does not exist (a CLIPModel folder or an open_clip weights file)")
+        try:
+            clip = load_clip_backbone(p, model_name=model_name, reward="user encoder")
+        except Exception as e:  # noqa: BLE001  (RewardLoadError and the libraries' own)
+            raise EncoderError(f"user encoder: cannot load CLIP image features from {p}: {e}") from e
+        spec = f"open_clip={p}@{model_name}" if model_name else f"clip={p}"
+        return cls(clip.to(device), name=spec)
+
+
+DEFAULT_TEMPLATE = "Prompt: {prompt}\nPreferred: {image}\nRejected: {image}\n"
+
+
+class VLMEncoder:
+    """A frozen vision-language model: ``g`` = hidden state at ``layer`` of the triple written as one prompt."""
+
+    def __init__(self, model: Any, processor: Any, layer: int = -1, pooling: str = "last",
+                 template: str = DEFAULT_TEMPLATE, name: str = "vlm") -> None:
+        if pooling not in ("last", "mean"):
+            raise EncoderError(f"VLM pooling must be 'last' or 'mean', got {pooling!r}")
+        if template.count("{image}") != 2 or "{prompt}" not in template:
+            raise EncoderError("VLM template needs '{prompt}' and two '{image}' slots (preferred, then rejected)")
+        self.model, self.processor = model.eval().requires_grad_(False), processor
+        self.layer, self.pooling, self.template, self.name = layer, pooling, template, name
+        image_token = getattr(processor, "image_token", None)
+        if not image_token:
+            raise EncoderError(f"{name}: the processor has no image_token; is this a vision-language model?")
+        self.image_token = image_token
+        text_cfg = getattr(model.config, "text_config", model.config)
+        self.dim = int(text_cfg.hidden_size)
+
+    @torch.no_grad()
+    def encode_triples(self, prompts: list[str], preferred: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+        from PIL import Image
+
+        _check(prompts, preferred, rejected)
+
+        def pil(x: torch.Tensor) -> Image.Image:
+            arr = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+            return Image.fromarray(arr)
+
+        dev = next(self.model.parameters()).device
+        out = []
+        for p, w, lose in zip(prompts, preferred, rejected, strict=True):  # one triple per call: no padding effects
+            text = self.template.format(prompt=p, image=self.image_token)
+            inputs = self.processor(text=[text], images=[[pil(w), pil(lose)]], return_tensors="pt").to(dev)
+            hidden = self.model(**inputs, output_hidden_states=True).hidden_states
+            try:
+                h = hidden[self.layer][0].float()  # [T, d]
+            except IndexError:
+                raise EncoderError(f"{self.name}: layer {self.layer} out of range ({len(hidden)} hidden states)") from None
+            out.append(h[-1] if self.pooling == "last" else h.mean(0))
+        return torch.stack(out)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, layer: int = -1, pooling: str = "last",
+                        device: str | torch.device = "cpu", **kw: Any) -> VLMEncoder:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        p = Path(path)
+        if not (p / "config.json").is_file():
+            raise EncoderError(f"user encoder: {p} has no config.json (a local vision-language model folder)")
+        try:
+            processor = AutoProcessor.from_pretrained(str(p), local_files_only=True)
+            model = AutoModelForImageTextToText.from_pretrained(str(p), local_files_only=True).to(device)
+        except Exception as e:  # noqa: BLE001
+            raise EncoderError(f"user encoder: cannot load a vision-language model from {p}: {e}") from e
+        return cls(model, processor, layer=layer, pooling=pooling, name=f"vlm={p}", **kw)
+
+
+def load_encoder(spec: str, device: str | torch.device = "cpu") -> TripleEncoder:
+    """``clip=FOLDER`` | ``open_clip=FILE@MODEL_NAME`` | ``vlm=FOLDER`` (a bare path means ``clip=``)."""
+    kind, sep, rest = spec.partition("=")
+    if not sep:
+        kind, rest = "clip", spec
+    if kind == "clip":
+        return CLIPPairEncoder.from_path(rest, device=device)
+    if kind == "open_clip":
+        path, at, name = rest.rpartition("@")
+        if not at:
+            raise EncoderError(f"user encoder {spec!r}: open_clip needs FILE@MODEL_NAME, e.g. open_clip=w.bin@ViT-H-14")
+        return CLIPPairEncoder.from_path(path, model_name=name, device=device)
+    if kind == "vlm":
+        return VLMEncoder.from_pretrained(rest, device=device)
+    raise EncoderError(f"user encoder {spec!r}: unknown kind {kind!r} (clip, open_clip or vlm)")
