@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(PY) -m diffalign.cli demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(PY) scripts/bench_dpo.py
