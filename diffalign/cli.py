@@ -291,6 +291,47 @@ def _bench_alignment(args: argparse.Namespace, _: list[str]) -> int:
     return 0 if res else 1
 
 
+def _bench_speed(args: argparse.Namespace, _: list[str]) -> int:
+    import json
+    from pathlib import Path
+
+    from .bench import speed
+
+    split = [x.strip() for x in args.switch] if args.switch else []
+    variants = [{}] + [speed.switch_set(s) for s in split]
+    labels = ["baseline"] + split
+    cases = []
+    for model in args.models.split(","):
+        for res in [int(r) for r in args.resolutions.split(",")] if args.resolutions else [None]:
+            for bs in [int(b) for b in args.batch_sizes.split(",")]:
+                for obj in args.objectives.split(",") if args.objectives else []:
+                    for label, sw in zip(labels, variants, strict=True):
+                        cases.append(speed.Case(model=model, objective=obj, batch_size=bs, resolution=res, steps=args.steps,
+                                                warmup=args.warmup, log_every=args.log_every, lora_rank=args.lora_rank,
+                                                switches=sw, threads=args.threads,
+                                                label=f"{model} {obj} b{bs}" + (f" {res}px" if res else "") + f" {label}"))
+                for g in args.sample.split(",") if args.sample else []:
+                    cases.append(speed.Case(model=model, kind="sample", guidance=g, batch_size=bs, resolution=res,
+                                            steps=args.steps, warmup=args.warmup, sample_steps=args.sample_steps,
+                                            threads=args.threads, lora_rank=args.lora_rank))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def report(case: speed.Case, r: int, res: dict) -> None:
+        rate = res.get("steps_per_s") or res.get("images_per_s")
+        print(f"repeat {r + 1}: {case.name}: {rate:.3f}/s, peak {res.get('peak_cuda_mb') or res['peak_rss_mb']:.0f} MB",
+              flush=True)
+
+    result = speed.bench(cases, repeats=args.repeats, on_result=report)
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    md = speed.table(result)
+    (out / "results.md").write_text(md)
+    print(md)
+    if any("steps_per_s" in r for r in result["rows"]):
+        print(f"plot: {speed.plot(result, out / 'speed.png', x='resolution' if args.resolutions else 'batch_size')}")
+    return 0
+
+
 def _bench_evaluate(args: argparse.Namespace, _: list[str]) -> int:
     import json
     from pathlib import Path
@@ -614,6 +655,25 @@ def _add_bench_parsers(sub: Any) -> None:
     e.add_argument("--sample-steps", type=int, default=20)
     e.add_argument("--guidance", type=float, default=5.0)
     e.set_defaults(func=_bench_evaluate)
+    s = bsub.add_parser("speed", help="steps/s, images/s, peak memory, FLOPs and utilisation of the hardware peak")
+    s.add_argument("--models", default="tiny:sd15", help="comma list: tiny:FAMILY, arch:sd15|sdxl|sd3, or a folder")
+    s.add_argument("--objectives", default="dpo", help="comma list of objectives to time a training step of ('' for none)")
+    s.add_argument("--sample", default="cfg,rlg", help="comma list of sampling guidances to time ('' for none)")
+    s.add_argument("--batch-sizes", default="8", help="comma list (pairs per step for pair objectives)")
+    s.add_argument("--resolutions", default=None, help="comma list of image sides (default: the model's own)")
+    s.add_argument("--switch", action="append", default=None,
+                   help="a speed switch to measure beside the baseline (repeatable): one of cache, channels_last, "
+                        "compile, fused_adamw, foreach_adamw, bf16, grad_ckpt, or several joined by '+', or "
+                        "SECTION.KEY=VALUE")
+    s.add_argument("--steps", type=int, default=30, help="timed training steps (sampling: 1 batch per 5)")
+    s.add_argument("--warmup", type=int, default=5)
+    s.add_argument("--log-every", type=int, default=5, help="steps per timed window (the median window is reported)")
+    s.add_argument("--sample-steps", type=int, default=10)
+    s.add_argument("--lora-rank", type=int, default=4)
+    s.add_argument("--threads", type=int, default=1, help="torch threads (the CPU peak is measured at the same count)")
+    s.add_argument("--repeats", type=int, default=3, help="alternating repeats of every case")
+    s.add_argument("--out", default="runs/bench_speed")
+    s.set_defaults(func=_bench_speed)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    path: str = Field(description="diffusers pipeline folder, or tiny:FAMILY (sd15, sd2v, sdxl, sd3, flux)")
+    path: str = Field(description="diffusers pipeline folder, tiny:FAMILY (sd15, sd2v, sdxl, sd3, flux), or arch:NAME (sd15, sdxl, sd3: the real architecture, random weights)")
     resolution: int | None = None
     lora: bool = True
     lora_rank: int = Field(8, ge=1)
@@ -30,6 +30,9 @@ class ModelConfig(_Section):
     lora_init: str = "gaussian"
     attention: Literal["sdpa", "xformers", "auto"] = "sdpa"
     gradient_checkpointing: bool = False
+    channels_last: bool = Field(False, description="the UNet's weights and inputs in channels-last memory format")
+    compile: bool = Field(False, description="torch.compile the denoiser (in place; the first steps compile)")
+    compile_backend: str = Field("inductor", description="torch.compile backend (inductor; aot_eager to debug)")
     frozen_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     embedded_guidance: float = 3.5
     max_sequence_length: int | None = None
@@ -92,7 +95,10 @@ class TrainConfig(_Section):
     scale_lr: bool = False
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
     warmup_steps: int = Field(0, ge=0)
-    optimizer: Literal["adamw", "adafactor"] = "adamw"
+    optimizer: Literal["adamw", "adafactor", "adamw8bit"] = Field(
+        "adamw", description="adamw8bit: bitsandbytes' 8-bit AdamW (CUDA; an error when bitsandbytes is missing)")
+    adam_impl: Literal["default", "foreach", "fused"] = Field(
+        "default", description="torch AdamW's implementation: default (torch picks), foreach, or fused (one kernel)")
     weight_decay: float = Field(1e-2, ge=0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     max_grad_norm: float | None = Field(1.0, gt=0)

@@ -87,6 +87,7 @@ class Backbone:
         self.vae_shift = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self._resolution: int | None = None
+        self.channels_last = False  # UNets: inputs in channels-last memory format (model.channels_last)
 
     @property
     def resolution(self) -> int:

@@ -54,14 +54,49 @@ def add_lora(
     return n
 
 
+def _tuner_layers(model: nn.Module) -> list[nn.Module]:
+    """peft's adapter layers of ``model``, found once per adapter set and kept on the model, so the
+    reference forward of every training step does not walk every module (536 in the tiny UNet)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    key = tuple(sorted(getattr(model, "peft_config", {})))
+    cached = model.__dict__.get("_diffalign_tuner_layers")
+    if cached is None or cached[0] != key:
+        cached = (key, [m for m in model.modules() if isinstance(m, BaseTunerLayer)])
+        model.__dict__["_diffalign_tuner_layers"] = cached  # a plain attribute, not a registered submodule
+    return cached[1]
+
+
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Run ``model`` as its base network: every LoRA adapter is disabled inside the block."""
+    """Run ``model`` as its base network: every LoRA adapter is disabled inside the block.
+
+    The adapter layers are switched off through their own flag (what peft's ``disable_adapters`` sets),
+    on a cached list of them; requires_grad is left as it is (the reference runs without grad). A merged
+    adapter takes peft's own path (it unmerges)."""
     if not has_adapter(model):
         raise RuntimeError(
             "no reference model: the denoiser has no LoRA adapter to disable and no frozen copy was made "
             "(use LoRA, or full fine-tuning, which keeps a frozen reference copy)"
         )
+    layers = _tuner_layers(model)
+    if any(getattr(m, "merged", False) for m in layers):
+        with _adapters_disabled_peft(model):
+            yield model
+        return
+    before = [m._disable_adapters for m in layers]
+    for m in layers:
+        m._disable_adapters = True
+    try:
+        yield model
+    finally:
+        for m, b in zip(layers, before, strict=True):
+            m._disable_adapters = b
+
+
+@contextlib.contextmanager
+def _adapters_disabled_peft(model: nn.Module) -> Iterator[nn.Module]:
+    """peft's model-wide switch (walks every module and resets requires_grad on the way back)."""
     frozen = [p for n, p in model.named_parameters() if "lora_" in n and not p.requires_grad]
     model.disable_adapters()
     try:

@@ -74,8 +74,11 @@ class UNetBackbone(Backbone):
         t = t.to(xt.device)
         if t.ndim == 0:
             t = t.expand(xt.shape[0])
+        x = xt.to(dtype)
+        if self.channels_last:  # model.channels_last: the input in the weights' memory format
+            x = x.contiguous(memory_format=torch.channels_last)
         out = model(
-            xt.to(dtype),
+            x,
             t,
             encoder_hidden_states=c["encoder_hidden_states"].to(dtype),
             added_cond_kwargs=added,

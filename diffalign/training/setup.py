@@ -23,6 +23,10 @@ def build_backbone(cfg: RunConfig, device: torch.device | str = "cpu") -> Backbo
         from ..backbones.tiny import build_tiny_pipeline
 
         source: Any = build_tiny_pipeline(m.path.split(":", 1)[1], seed=cfg.train.seed)
+    elif m.path.startswith("arch:"):  # a real architecture with random weights (speed benchmarks)
+        from ..backbones.arch import build_arch_pipeline
+
+        source = build_arch_pipeline(m.path.split(":", 1)[1], seed=cfg.train.seed)
     else:
         source = m.path
     bb = load_backbone(
@@ -48,6 +52,13 @@ def build_backbone(cfg: RunConfig, device: torch.device | str = "cpu") -> Backbo
     if m.gradient_checkpointing:
         bb.denoiser.enable_gradient_checkpointing()
     _set_attention(bb, m.attention)
+    if m.channels_last:
+        if bb.denoiser_name != "unet":
+            raise ValueError(f"model.channels_last: only for UNets (convolutions); {m.path} has a {bb.denoiser_name}")
+        bb.denoiser.to(memory_format=torch.channels_last)
+        bb.channels_last = True
+    if m.compile:
+        bb.denoiser.compile(backend=m.compile_backend)  # in place: the module (and its LoRA parameters) stay the same objects
     return bb
 
 
@@ -141,7 +152,14 @@ def build_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter], num_proces
 
         return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False,
                          clip_threshold=1.0, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(params, lr=lr, betas=t.adam_betas, weight_decay=t.weight_decay)
+    if t.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise RuntimeError("train.optimizer adamw8bit: bitsandbytes is not installed (pip install bitsandbytes)") from e
+        return bnb.optim.AdamW8bit(params, lr=lr, betas=t.adam_betas, weight_decay=t.weight_decay)
+    impl = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[t.adam_impl]
+    return torch.optim.AdamW(params, lr=lr, betas=t.adam_betas, weight_decay=t.weight_decay, **impl)
 
 
 def build_reward(cfg: RunConfig, device: torch.device | str = "cpu") -> Any:
