@@ -323,8 +323,8 @@ def _itercomp(args: argparse.Namespace, overrides: list[str]) -> int:
     cfg = load_config(args.config, overrides)
     s = IterCompSettings(gallery_prompts=args.gallery_prompts, samples_per_model=args.samples_per_model,
                          eval_prompts_heads=args.heads_eval_prompts, refine_steps=args.refine_steps,
-                         refine_lr=args.refine_lr, eval_prompts=args.eval_prompts, eval_seeds=args.eval_seeds,
-                         seed=args.seed)
+                         refine_lr=args.refine_lr, score_l2=args.score_l2, pairs_per_step=args.pairs_per_step,
+                         eval_prompts=args.eval_prompts, eval_seeds=args.eval_seeds, seed=args.seed)
     out = Path(args.out or Path(cfg.train.output_dir) / "itercomp")
     report = run_itercomp(cfg, args.rounds, out, s)
     (out / "itercomp.md").write_text(table(report))
@@ -362,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="held-out prompts of the gallery whose rankings measure the heads' accuracy")
     ic.add_argument("--refine-steps", type=int, default=200, help="Bradley-Terry Adam steps per round")
     ic.add_argument("--refine-lr", type=float, default=1e-3)
+    ic.add_argument("--pairs-per-step", type=int, default=512, help="ranking pairs per head in each refinement step")
+    ic.add_argument("--score-l2", type=float, default=0.01, help="penalty on the heads' squared scores (bounds them)")
     ic.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts of the oracle evaluation")
     ic.add_argument("--eval-seeds", type=int, default=2)
     ic.add_argument("--seed", type=int, default=0)

@@ -199,9 +199,11 @@ def ranking_accuracy(heads: CompositionHeads, rankings: Rankings) -> dict[str, f
 
 
 def refine(heads: CompositionHeads, rankings: Rankings, steps: int = 1, lr: float = 1e-3,
-           pairs_per_step: int = 512, seed: int = 0, progress: bool = False) -> list[float]:
+           pairs_per_step: int = 512, seed: int = 0, score_l2: float = 0.0, progress: bool = False) -> list[float]:
     """Refine the heads on ``rankings`` with the Bradley-Terry loss: ``steps`` Adam steps, each on up to
-    ``pairs_per_step`` pairs per head drawn at random (all of them when fewer). Returns the losses."""
+    ``pairs_per_step`` pairs per head drawn at random (all of them when fewer). ``score_l2`` adds
+    ``score_l2 * mean(r^2)`` over the pairs' images: Bradley-Terry alone grows the scores without bound on
+    separable rankings, and an unbounded score is an easy target for reward feedback. Returns the losses."""
     from tqdm.auto import tqdm
 
     g = torch.Generator().manual_seed(seed)
@@ -222,7 +224,7 @@ def refine(heads: CompositionHeads, rankings: Rankings, steps: int = 1, lr: floa
             idx, inv = torch.unique(p.flatten(), return_inverse=True)
             r = heads.heads[h](imgs[idx], text[idx])
             inv = inv.view(-1, 2)
-            total = total - F.logsigmoid(r[inv[:, 0]] - r[inv[:, 1]]).mean()
+            total = total - F.logsigmoid(r[inv[:, 0]] - r[inv[:, 1]]).mean() + score_l2 * r.pow(2).mean()
         opt.zero_grad()
         if total.requires_grad:
             total.backward()

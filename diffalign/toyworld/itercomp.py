@@ -53,6 +53,7 @@ class IterCompSettings:
     eval_prompts_heads: int = 32
     refine_steps: int = 200
     refine_lr: float = 1e-3
+    score_l2: float = 0.01
     pairs_per_step: int = 512
     eval_prompts: int = 64
     eval_seeds: int = 2
@@ -216,7 +217,7 @@ def _run_round(cfg: RunConfig, r: int, rd: Path, gallery: list[Path], prev_polic
         heads = CompositionHeads.load(prev_heads) if prev_heads else CompositionHeads()
         before = ranking_accuracy(heads, ev)
         losses = refine(heads, rk, steps=s.refine_steps, lr=s.refine_lr, pairs_per_step=s.pairs_per_step,
-                        seed=s.seed + r, progress=True)
+                        seed=s.seed + r, score_l2=s.score_l2, progress=True)
         after = ranking_accuracy(heads, ev)
         acc_file.write_text(json.dumps({"before": before, "after": after, "train_after": ranking_accuracy(heads, rk),
                                         "bt_loss_first": losses[0] if losses else None,
