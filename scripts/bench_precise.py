@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     experts_best = out / "experts_best"
     if any(o == "dro" for o in objectives) and not (experts_best / "experts.jsonl").exists():
         toy_experts(pairs_dir, rs[args.label], out=experts_best)
-    if "seppo" in objectives:  # SePPO: the pairs' winners only (DPO trains on the same pairs)
+    if any(o.startswith("seppo") for o in objectives):  # SePPO: the pairs' winners only (DPO trains on the same pairs)
         seppo_winners = pair_winners(pairs_dir, out / "winners")
     if any(o.endswith("_render") for o in objectives):
         render_experts, render_pairs = render_data(pairs_dir, out / "render")
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 data = render_pairs / "pairs.jsonl"
             if obj == "dro_render":
                 experts = render_experts
-            if obj == "seppo":
+            if obj.startswith("seppo"):
                 experts = seppo_winners
             lr = args.lr if args.lr is not None else TOY_LR.get(kind)
             cfg = run_config(base, data, run_dir, kind, seed=s, steps=args.steps, lr=lr,

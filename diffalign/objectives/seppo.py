@@ -8,7 +8,8 @@ optimizer updates the trainable tensors are snapshotted (under LoRA: the adapter
 first snapshot, taken at setup, is the starting model). For each batch one snapshot j is drawn
 uniformly and serves both as the sampler of the reference samples and as the DPO reference:
 
-    x^l ~ p_{theta_j}(x | c)                      (``rollout``: deterministic DDIM, no CFG)
+    x^l ~ p_{theta_j}(x | c)                      (``rollout``: deterministic DDIM, no CFG; with
+                                                   ``guidance_scale`` != 1 the stock sampler with CFG)
     with the SAME eps and t for the winner x^w (data) and x^l (as Diffusion-DPO):
     D_w = mse(f_th(x_t^w), target^w) - mse(f_j(x_t^w), target^w)
     D_l = mse(f_th(x_t^l), target^l) - mse(f_j(x_t^l), target^l)
@@ -47,6 +48,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ..backbones.base import Backbone, per_sample_mse
+from ..sampling.solvers import sample_latents
 from ..sampling.trajectories import rollout
 from .base import Objective, register
 from .replay import snapshot_trainable, swapped
@@ -73,6 +75,7 @@ class SePPO(Objective):
     snapshot_every: Annotated[int, Field(ge=1)] = 100
     max_snapshots: Annotated[int, Field(ge=1)] = 32
     rollout_steps: Annotated[int, Field(ge=1)] = 20
+    guidance_scale: Annotated[float, Field(ge=0)] = 1.0  # CFG of the reference samples (1: none, as DRO's rollouts)
 
     data_kind = "experts"
 
@@ -104,8 +107,13 @@ class SePPO(Objective):
     def collect(self, batch: dict, backbone: Backbone) -> None:
         """Draw a checkpoint uniformly and sample the batch's reference images x^l from it."""
         j = int(torch.randint(len(self.snapshots), ()))
+        cond = batch["cond"]
         with swapped(backbone.denoiser, self.snapshots[j]):
-            x_l = rollout(backbone, batch["cond"], self.rollout_steps, jitter=0.0)["x0"]
+            if self.guidance_scale == 1.0:
+                x_l = rollout(backbone, cond, self.rollout_steps, jitter=0.0)["x0"]
+            else:  # the stock sampler with CFG, as the data's images were drawn
+                x_l = sample_latents(backbone, cond, backbone.negative_cond("", len(cond)), steps=self.rollout_steps,
+                                     guidance_scale=self.guidance_scale)
         self.current = (j, x_l.detach())
 
     # --- the objective -------------------------------------------------------------------------------

@@ -177,3 +177,21 @@ def test_trains_through_the_loop_and_resume_restores_the_snapshots_exactly(tmp_p
 def test_recipes_validate(recipe):
     cfg = load_config(ROOT / "configs" / f"{recipe}.yaml")
     assert cfg.objective.name == "seppo"
+
+
+def test_reference_samples_can_use_cfg(make_backbone):
+    bb = make_backbone("sd15", lora=True)
+    obj = SePPO(rollout_steps=2, guidance_scale=3.0)
+    obj.setup(bb)
+    batch = {"latents": torch.randn(bb.latent_shape(2)), "cond": bb.encode_prompts(["a red circle", "a blue square"])}
+    torch.manual_seed(0)
+    with torch.no_grad():
+        obj.collect(batch, bb)
+    guided = obj.current[1].clone()
+    obj.guidance_scale = 1.0
+    torch.manual_seed(0)
+    with torch.no_grad():
+        obj.collect(batch, bb)
+    assert guided.shape == obj.current[1].shape and not torch.equal(guided, obj.current[1])
+    loss, _ = obj.loss(batch, bb)
+    assert torch.isfinite(loss)
