@@ -62,3 +62,12 @@ def test_other_settings_in_the_same_folder_are_refused(tmp_path):
     run_itercomp(_cfg(), 0, tmp_path, IterCompSettings(**SETTINGS))
     with pytest.raises(ValueError, match="refine_steps"):
         run_itercomp(_cfg(), 1, tmp_path, IterCompSettings(**{**SETTINGS, "refine_steps": 5}))
+
+
+def test_cli_refuses_a_config_that_is_not_reward_feedback(tmp_path, capsys):
+    from diffalign.cli import main
+
+    f = tmp_path / "c.yaml"
+    f.write_text("model: {path: 'tiny:sd15'}\ndata: {train: x.jsonl}\nobjective: {name: dpo}\n")
+    assert main(["itercomp", "--rounds", "1", str(f), "--out", str(tmp_path / "out")]) == 2
+    assert "reward-feedback objective" in capsys.readouterr().err
