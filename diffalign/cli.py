@@ -354,6 +354,26 @@ def _bench_evaluate(args: argparse.Namespace, _: list[str]) -> int:
     return 0
 
 
+def _itercomp(args: argparse.Namespace, overrides: list[str]) -> int:
+    """The toy IterComp loop (diffalign/toyworld/itercomp.py): rounds of gallery -> rankings -> heads -> policy."""
+    from pathlib import Path
+
+    from .config import load_config
+    from .toyworld.itercomp import IterCompSettings, run_itercomp, table
+
+    cfg = load_config(args.config, overrides)
+    s = IterCompSettings(gallery_prompts=args.gallery_prompts, samples_per_model=args.samples_per_model,
+                         eval_prompts_heads=args.heads_eval_prompts, refine_steps=args.refine_steps,
+                         refine_lr=args.refine_lr, score_l2=args.score_l2, pairs_per_step=args.pairs_per_step,
+                         eval_prompts=args.eval_prompts, eval_seeds=args.eval_seeds, seed=args.seed)
+    out = Path(args.out or Path(cfg.train.output_dir) / "itercomp")
+    report = run_itercomp(cfg, args.rounds, out, s)
+    (out / "itercomp.md").write_text(table(report))
+    print(table(report))
+    print(f"rounds in {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffalign", description="Align text-to-image diffusion and flow models.")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -370,6 +390,25 @@ def build_parser() -> argparse.ArgumentParser:
                    "(the new config is written beside config.yaml)")
     t.set_defaults(func=_train, allow_overrides=True)
     t.epilog = "Every config key, with its type, default and meaning: diffalign config"
+
+    ic = sub.add_parser("itercomp", help="IterComp's loop in the toy world: gallery rankings, Bradley-Terry refined "
+                        "composition heads, reward feedback on them; each round saved and resumable")
+    ic.add_argument("config", help="a reward-feedback training config (objective refl, draft or alignprop); "
+                    "reward.train is replaced by each round's heads; extra --section.key VALUE overrides")
+    ic.add_argument("--rounds", type=int, required=True)
+    ic.add_argument("--out", default=None, help="run folder (default: TRAIN.OUTPUT_DIR/itercomp); rerun to resume")
+    ic.add_argument("--gallery-prompts", type=int, default=128, help="train prompts every gallery model samples")
+    ic.add_argument("--samples-per-model", type=int, default=2)
+    ic.add_argument("--heads-eval-prompts", type=int, default=32,
+                    help="held-out prompts of the gallery whose rankings measure the heads' accuracy")
+    ic.add_argument("--refine-steps", type=int, default=200, help="Bradley-Terry Adam steps per round")
+    ic.add_argument("--refine-lr", type=float, default=1e-3)
+    ic.add_argument("--pairs-per-step", type=int, default=512, help="ranking pairs per head in each refinement step")
+    ic.add_argument("--score-l2", type=float, default=0.01, help="penalty on the heads' squared scores (bounds them)")
+    ic.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts of the oracle evaluation")
+    ic.add_argument("--eval-seeds", type=int, default=2)
+    ic.add_argument("--seed", type=int, default=0)
+    ic.set_defaults(func=_itercomp, allow_overrides=True)
 
     k = sub.add_parser("config", help="list every config key with its type, default and description")
     k.set_defaults(func=_config)

@@ -41,7 +41,8 @@ def _import_builtin() -> None:
     # Importing the modules registers their rewards. Each module that exists is imported once.
     import importlib
 
-    for mod in ("toy", "aesthetic", "clip", "pickscore", "hps", "imagereward", "identity", "composition"):
+    for mod in ("toy", "aesthetic", "clip", "pickscore", "hps", "imagereward", "identity", "composition",
+                "toy_composition"):
         try:
             importlib.import_module(f"rewards.{mod}")
         except ModuleNotFoundError as e:  # module not written yet

@@ -6,7 +6,7 @@ Every per-sample score tensor is cached under ``--out`` (``scores/*.pt``), so an
 continues where it stopped and a table can be rebuilt without sampling again.
 
 Objectives: ``dpo``, ``mapo``, ``inpo``, ``dro`` (experts: the best base sample of each train prompt by
-the labelling reward), and two that are given ground truth instead of a reward:
+the labelling reward), ``seppo`` (the winners of the decided pairs only, DPO's winners), and two that are given ground truth instead of a reward:
 ``dro_render`` (experts: the generator's renders of the train prompts, off the base's distribution) and
 ``dpo_render`` (pairs: the render wins over one base sample of the same prompt, no reward involved).
 
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from diffalign.bench import precise
-from diffalign.bench.alignment import TOY_LR, run_config, toy_experts
+from diffalign.bench.alignment import TOY_LR, pair_winners, run_config, toy_experts
 from diffalign.bench.experiment import ORACLES, load_rewards
 from diffalign.bench.precise import Protocol
 from diffalign.toyworld.pairs import make_pairs
@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     experts_best = out / "experts_best"
     if any(o == "dro" for o in objectives) and not (experts_best / "experts.jsonl").exists():
         toy_experts(pairs_dir, rs[args.label], out=experts_best)
+    if any(o.startswith("seppo") for o in objectives):  # SePPO: the pairs' winners only (DPO trains on the same pairs)
+        seppo_winners = pair_winners(pairs_dir, out / "winners")
     if any(o.endswith("_render") for o in objectives):
         render_experts, render_pairs = render_data(pairs_dir, out / "render")
 
@@ -165,6 +167,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 data = render_pairs / "pairs.jsonl"
             if obj == "dro_render":
                 experts = render_experts
+            if obj.startswith("seppo"):
+                experts = seppo_winners
             lr = args.lr if args.lr is not None else TOY_LR.get(kind)
             cfg = run_config(base, data, run_dir, kind, seed=s, steps=args.steps, lr=lr,
                              batch_size=args.batch_size, checkpoint_every=args.curve_every if want_curve else 0, experts=experts)

@@ -29,12 +29,18 @@ OBJECTIVE_SETTINGS: dict[str, dict[str, Any]] = {
     "inpo": {"objective": {"name": "inpo", "beta": 2000.0, "inversion_steps": 10, "inversion_eta": 0.1}},
     "mapo": {"objective": {"name": "mapo", "beta": 0.1, "snr_value": 0.5}},
     "dro": {"objective": {"name": "dro", "margin": 0.001, "rollout_steps": 10, "buffer_size": 4}},
+    # SePPO: DPO's beta; 10-step reference rollouts as DRO's; a checkpoint every 50 updates (8 in 400 steps)
+    "seppo": {"objective": {"name": "seppo", "beta": 2000.0, "rollout_steps": 10, "snapshot_every": 50,
+                            "max_snapshots": 16}},
+    # the same with the reference samples drawn as the data were (stock sampler, CFG 5)
+    "seppo_cfg": {"objective": {"name": "seppo", "beta": 2000.0, "rollout_steps": 10, "snapshot_every": 50,
+                                "max_snapshots": 16, "guidance_scale": TOY_GUIDANCE}},
 }
 
 
 # LoRA learning rates in the toy world: DPO's and InPO's from the DPO bench; MaPO's and DRO's from one
 # probe each after 1e-3 failed for them (docs/BENCHMARKS.md, "Offline objectives side by side").
-TOY_LR: dict[str, float] = {"dpo": 1e-3, "inpo": 1e-3, "mapo": 1e-4, "dro": 1e-3}
+TOY_LR: dict[str, float] = {"dpo": 1e-3, "inpo": 1e-3, "mapo": 1e-4, "dro": 1e-3, "seppo": 1e-3, "seppo_cfg": 1e-3}
 
 
 def run_config(base: str | Path, pairs: str | Path, out: str | Path, objective: str, seed: int, steps: int,
@@ -58,7 +64,7 @@ def run_config(base: str | Path, pairs: str | Path, out: str | Path, objective: 
     }
     for section, values in OBJECTIVE_SETTINGS[objective].items():
         raw.setdefault(section, {}).update(values)
-    if objective == "dro":
+    if objective in ("dro", "seppo", "seppo_cfg"):  # winner-only objectives read expert images
         raw["data"]["train"] = str(experts or Path(pairs).parent / "experts")
     return RunConfig.model_validate(raw)
 
@@ -79,6 +85,26 @@ def toy_experts(pairs_dir: str | Path, reward: Any, out: str | Path | None = Non
             size = im.size[0]  # score and store at the toy images' own size
         select_experts(rankings, reward, out, top=None, per_prompt=1, min_score=min_score, resolution=size)
     return out
+
+
+def pair_winners(pairs_dir: str | Path, out: str | Path) -> Path:
+    """The winners of a pair folder's decided pairs as expert data: ``out/experts.jsonl`` (returned), pointing at
+    the pair images; ties left out. SePPO's data beside DPO's pairs: the same winners."""
+    out = Path(out)
+    jsonl = out / "experts.jsonl"
+    if not jsonl.exists():
+        import os
+
+        out.mkdir(parents=True, exist_ok=True)
+        rows = [json.loads(x) for x in (Path(pairs_dir) / "pairs.jsonl").read_text().splitlines() if x.strip()]
+        lines = []
+        for r in rows:
+            if r["label_0"] == 0.5:
+                continue
+            img = Path(pairs_dir) / r["jpg_0" if r["label_0"] == 1.0 else "jpg_1"]
+            lines.append(json.dumps({"image": os.path.relpath(img.resolve(), out.resolve()), "caption": r["caption"]}))
+        jsonl.write_text("\n".join(lines) + "\n")
+    return jsonl
 
 
 def steps_to_reach(points: list[dict[str, float]], metric: str, level: float) -> int | None:

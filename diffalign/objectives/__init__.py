@@ -6,7 +6,7 @@ line below; its options become the config's ``objective:`` section.
 
 from __future__ import annotations
 
-from . import dpo, dro, inpo, mapo, nft, policy_gradient, ppd, reward_feedback  # noqa: F401  (one line per objective: importing registers it)
+from . import dpo, dro, inpo, mapo, nft, policy_gradient, ppd, reward_feedback, seppo  # noqa: F401  (one line per objective: importing registers it)
 from .base import OBJECTIVES, Objective, build_objective, options_model, register
 from .dpo import DiffusionDPO
 from .dro import DiffusionDRO

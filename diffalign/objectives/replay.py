@@ -24,6 +24,31 @@ from ..backbones.base import Cond
 from ..backbones.modules import trainable
 
 
+def snapshot_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of the trainable tensors (under LoRA: the adapter factors only)."""
+    return {n: p.detach().to("cpu", copy=True) for n, p in trainable(model).items()}
+
+
+@contextlib.contextmanager
+def swapped(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Within the block the model's trainable tensors hold ``snapshot`` (an empty one: no change); the
+    current values are restored after. Use it for no-grad forwards only."""
+    if not snapshot:
+        yield
+        return
+    params = trainable(model)
+    current = {n: p.detach().clone() for n, p in params.items()}
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(snapshot[n])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(current[n])
+
+
 class LaggedSampler:
     def __init__(self, refresh_every: int = 1) -> None:
         if refresh_every < 1:
@@ -34,30 +59,16 @@ class LaggedSampler:
 
     def refresh(self, model: nn.Module) -> None:
         if self.refresh_every > 1:
-            self.snapshot = {n: p.detach().to("cpu", copy=True) for n, p in trainable(model).items()}
+            self.snapshot = snapshot_trainable(model)
 
     def on_update(self, model: nn.Module) -> None:
         self.updates += 1
         if self.updates % self.refresh_every == 0:
             self.refresh(model)
 
-    @contextlib.contextmanager
-    def active(self, model: nn.Module) -> Iterator[None]:
+    def active(self, model: nn.Module) -> contextlib.AbstractContextManager[None]:
         """Within the block the model runs with the lagged weights (a no-op when they are current)."""
-        if not self.snapshot:
-            yield
-            return
-        params = trainable(model)
-        current = {n: p.detach().clone() for n, p in params.items()}
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(self.snapshot[n])
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.copy_(current[n])
+        return swapped(model, self.snapshot)
 
     def state_dict(self) -> dict[str, Any]:
         return {"updates": self.updates, "snapshot": dict(self.snapshot)}
