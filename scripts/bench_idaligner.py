@@ -7,11 +7,12 @@ Training reward: ``toy_identity:1,toy_aesthetic:1`` (the paper's L_id_sim + L_id
 * LoRA form: one LoRA per character (``--lora-chars``), prompt "a portrait of NAME", the character's 4
   reference renders as ``reward.reference_faces`` and L_id_lora (``--lora-weight``). Evaluated on the same
   prompt: before = the base model, after = with the LoRA, same starting noise (paired).
-* Adapter form: one adapter (decoupled cross-attention, only its projections train) over the 8 TRAIN
-  characters, prompt "a portrait", each row with a random character and a fresh set of 4 reference renders
-  (their toy-identity embedding is the adapter's input); evaluated on the 4 HELD-OUT characters (never seen in
-  adapter training): before = the base model on "a portrait" (no reference), after = the adapter fed the
-  held-out reference; also on the train characters.
+* Adapter form: one adapter (decoupled cross-attention, only its projections train), prompt "a portrait",
+  each row a random identity with a fresh set of 4 reference renders (their toy-identity embedding is the
+  adapter's input), drawn from every head/body combination except the 4 HELD-OUT characters
+  (``--adapter-pool all``, 266 identities) or from the 8 named TRAIN characters only (``named``); evaluated
+  on the 4 HELD-OUT characters (never seen in adapter training): before = the base model on "a portrait"
+  (no reference), after = the adapter fed the held-out reference; also on the 8 named train characters.
 
 Scores per sample: toy_identity against the character's evaluation references (4 renders, seed 0; training
 drew its references from other seeds) and toy_aesthetic; gains with a paired bootstrap 95% interval
@@ -29,6 +30,7 @@ import random
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -41,8 +43,16 @@ from diffalign.objectives import build_objective
 from diffalign.personalization.encoder import load_image_encoder
 from diffalign.personalization.inject import generate_personalized
 from diffalign.toyworld.bases import find_base
-from diffalign.toyworld.identity import HELDOUT_CHARACTERS, TRAIN_CHARACTERS, portrait_prompt, reference_images
+from diffalign.toyworld.identity import (
+    HELDOUT_CHARACTERS,
+    TRAIN_CHARACTERS,
+    all_identities,
+    character,
+    portrait_prompt,
+    reference_images,
+)
 from diffalign.toyworld.pairs import seeded_latents
+from diffalign.toyworld.shapes import Scene, render
 
 K = 4  # reference renders per character
 
@@ -102,9 +112,11 @@ def train_adapter(args, model_dir, seed: int, reward, encoder, log):
     params = injection_parameters(bb)
     opt = torch.optim.AdamW(params, lr=args.lr_adapter, weight_decay=1e-4)
     rng = random.Random(seed)
+    nrng = np.random.default_rng(seed)
+    pool = adapter_pool(args.adapter_pool)
     for step in tqdm(range(args.adapter_steps), desc=f"adapter seed {seed}", leave=False):
-        names = [rng.choice(TRAIN_CHARACTERS) for _ in range(args.batch)]
-        refs = torch.stack([reference_images(n, K, seed=10_000 * (seed + 1) + step) for n in names])
+        scenes = [rng.choice(pool) for _ in range(args.batch)]
+        refs = torch.stack([torch.from_numpy(np.stack([render(sc, nrng) for _ in range(K)])) for sc in scenes])
         emb = torch.stack([encoder(r) for r in refs])
         prompts = ["a portrait"] * args.batch
         batch = {"prompts": prompts, "cond": with_user(bb.encode_prompts(prompts), emb), "references": refs}
@@ -115,6 +127,17 @@ def train_adapter(args, model_dir, seed: int, reward, encoder, log):
         opt.step()
         log.append({"form": "adapter", "seed": seed, "step": step + 1, **{k: float(v) for k, v in m.items()}})
     return bb
+
+
+def adapter_pool(kind: str) -> list[Scene]:
+    """What the adapter trains on: the 8 named TRAIN characters, or every head/body combination except the
+    4 HELD-OUT characters' (266 identities; the held-out ones stay unseen either way)."""
+    held = {(character(n).head, character(n).body) for n in HELDOUT_CHARACTERS}
+    if kind == "named":
+        return [character(n).scene() for n in TRAIN_CHARACTERS]
+    if kind == "all":
+        return [Scene((h, b), relation="above") for h, b in all_identities() if (h, b) not in held]
+    raise SystemExit(f"--adapter-pool: named or all, got {kind!r}")
 
 
 def evaluate_chars(bb, names, prompt_of, emb_of, reward, n, seed):
@@ -144,8 +167,10 @@ def main() -> None:
     p.add_argument("--seeds", default="0")
     p.add_argument("--forms", default="lora,adapter")
     p.add_argument("--lora-chars", default="Ada,Ivo")
-    p.add_argument("--steps", type=int, default=100, help="LoRA training steps per character")
-    p.add_argument("--adapter-steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=200, help="LoRA training steps per character")
+    p.add_argument("--adapter-steps", type=int, default=600)
+    p.add_argument("--adapter-pool", default="all", help="named: the 8 TRAIN characters; all: every head/body "
+                   "combination except the 4 HELD-OUT characters'")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--lr-lora", type=float, default=1e-3)
