@@ -15,8 +15,10 @@ Training reward: ``toy_identity:1,toy_aesthetic:1`` (the paper's L_id_sim + L_id
   (no reference), after = the adapter fed the held-out reference; also on the 8 named train characters.
 
 Scores per sample: toy_identity against the character's evaluation references (4 renders, seed 0; training
-drew its references from other seeds) and toy_aesthetic; gains with a paired bootstrap 95% interval
-(``diffalign.bench.stats.paired_bootstrap``), per seed and pooled over seeds. Results are cached per
+drew its references from other seeds), identity_acc (1 when the sample's nearest of the 12 characters, by
+the identity network, is the asked-for one; chance 1/12) and toy_aesthetic; gains with a paired bootstrap 95% interval
+(``diffalign.bench.stats.paired_bootstrap``), per seed and pooled over seeds. Grids (seed-wise PNGs): per
+character its 4 references, 6 samples before, 6 after. Results are cached per
 (form, seed) in ``--out`` so an interrupted run continues.
 
     OMP_NUM_THREADS=1 python scripts/bench_idaligner.py --seeds 0,1,2 --out runs/bench_idaligner
@@ -44,6 +46,7 @@ from diffalign.personalization.encoder import load_image_encoder
 from diffalign.personalization.inject import generate_personalized
 from diffalign.toyworld.bases import find_base
 from diffalign.toyworld.identity import (
+    CHARACTERS,
     HELDOUT_CHARACTERS,
     TRAIN_CHARACTERS,
     all_identities,
@@ -140,16 +143,39 @@ def adapter_pool(kind: str) -> list[Scene]:
     raise SystemExit(f"--adapter-pool: named or all, got {kind!r}")
 
 
-def evaluate_chars(bb, names, prompt_of, emb_of, reward, n, seed):
-    """Per character n samples (noise seeded by seed), scored against its evaluation references."""
-    out = {"toy_identity": [], "toy_aesthetic": []}
+def identity_accuracy(reward, images, name) -> torch.Tensor:
+    """1 where the image's nearest character (cosine to each of the 12 characters' mean reference embedding)
+    is ``name``, else 0: the identity as a 12-way recognition."""
+    net = reward.members["toy_identity"].net
+    with torch.no_grad():
+        refs = torch.stack([torch.nn.functional.normalize(net(reference_images(c, K, seed=0)).mean(0), dim=-1)
+                            for c in CHARACTERS])
+        nearest = (net(images) @ refs.T).argmax(1)
+    return (nearest == list(CHARACTERS).index(name)).float()
+
+
+def evaluate_chars(bb, names, prompt_of, emb_of, reward, n, seed, shown=None):
+    """Per character n samples (noise seeded by seed), scored against its evaluation references; the first
+    6 samples of each go into ``shown[name]`` when given (for the grids)."""
+    out = {"toy_identity": [], "toy_aesthetic": [], "identity_acc": []}
     for name in names:
         refs = reference_images(name, K, seed=0)[None]
         imgs = sample(bb, [prompt_of(name)] * n, emb_of(name), seed)
         s = score(reward, imgs, refs)
+        s["identity_acc"] = identity_accuracy(reward, imgs, name)
         for k in out:
             out[k].append(s[k])
+        if shown is not None:
+            shown[name] = imgs[:6]
     return {k: torch.cat(v) for k, v in out.items()}
+
+
+def save_rows(path: Path, names, before: dict, after: dict) -> None:
+    """One row per character: its 4 evaluation references, 6 samples before, 6 after (same noise)."""
+    from diffalign.utils.images import save_grid
+
+    rows = [torch.cat([reference_images(n, K, seed=0), before[n], after[n]]) for n in names]
+    save_grid(torch.cat(rows), path, nrow=4 + 6 + 6, upscale=2)
 
 
 def summarize(before, after, seed=0):
@@ -201,22 +227,28 @@ def main() -> None:
             res: dict = {"form": form, "seed": seed, "settings": vars(args)}
             if form == "lora":
                 res["chars"] = {}
+                shown_b, shown_a = {}, {}
                 for name in args.lora_chars.split(","):
                     tuned = train_lora(args, model_dir, name, seed, reward, log)
-                    before = evaluate_chars(base, [name], portrait_prompt, lambda n: None, reward, args.eval_n, 777 + seed)
-                    after = evaluate_chars(tuned, [name], portrait_prompt, lambda n: None, reward, args.eval_n, 777 + seed)
+                    before = evaluate_chars(base, [name], portrait_prompt, lambda n: None, reward, args.eval_n,
+                                            777 + seed, shown_b)
+                    after = evaluate_chars(tuned, [name], portrait_prompt, lambda n: None, reward, args.eval_n,
+                                           777 + seed, shown_a)
                     res["chars"][name] = {"summary": summarize(before, after, seed),
                                           "before": {k: v.tolist() for k, v in before.items()},
                                           "after": {k: v.tolist() for k, v in after.items()}}
+                save_rows(out / f"lora_seed{seed}.png", list(shown_b), shown_b, shown_a)
             else:
                 tuned = train_adapter(args, model_dir, seed, reward, encoder, log)
                 res["splits"] = {}
                 for split, names in (("heldout", HELDOUT_CHARACTERS), ("train", TRAIN_CHARACTERS)):
+                    shown_b, shown_a = {}, {}
                     before = evaluate_chars(base, names, lambda n: "a portrait", lambda n: None, reward,
-                                            args.eval_n, 777 + seed)
+                                            args.eval_n, 777 + seed, shown_b)
                     after = evaluate_chars(tuned, names, lambda n: "a portrait",
                                            lambda n: encoder(reference_images(n, K, seed=0)), reward,
-                                           args.eval_n, 777 + seed)
+                                           args.eval_n, 777 + seed, shown_a)
+                    save_rows(out / f"adapter_{split}_seed{seed}.png", names, shown_b, shown_a)
                     res["splits"][split] = {"summary": summarize(before, after, seed),
                                             "before": {k: v.tolist() for k, v in before.items()},
                                             "after": {k: v.tolist() for k, v in after.items()}}
@@ -243,7 +275,9 @@ def pooled(out: Path) -> None:
     table = {}
     for key, acc in groups.items():
         table[key] = {"seeds": acc["seeds"]}
-        for k in ("toy_identity", "toy_aesthetic"):
+        for k in ("toy_identity", "identity_acc", "toy_aesthetic"):
+            if ("before", k) not in acc:
+                continue
             b, a = torch.tensor(acc[("before", k)]), torch.tensor(acc[("after", k)])
             ci = paired_bootstrap(b, a, seed=0)
             table[key][k] = {"before": float(b.mean()), "after": float(a.mean()), "gain": ci.mean,
