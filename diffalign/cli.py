@@ -565,6 +565,9 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--prompts", required=True,
                         help="text file: one prompt per image (sorted file order), or a single prompt for all")
     parser.add_argument("--out", required=True, help="output CSV path")
+    parser.add_argument("--reference-faces", default=None, metavar="FILE|DIR",
+                        help="reference image(s) for identity rewards (identity, toy_identity): one file or a folder, "
+                        "all of one size; every image is compared with them (their embeddings averaged)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-progress", action="store_true", help="disable the progress bar")

@@ -69,6 +69,9 @@ class RewardConfig(_Section):
     train: str | None = Field(
         None, description="the training reward of online objectives, as rewards.from_spec reads it: NAME, "
         "NAME=PATH, NAME[=PATH]:WEIGHT,... (an Ensemble)")
+    reference_faces: str | None = Field(
+        None, description="reference image file or folder (one size) for identity rewards (identity, toy_identity): "
+        "every training image is compared with them; a prompt .jsonl row's own \"reference\" wins over it")
     # reward-hacking guard (training/gold.py): held-out "gold" rewards beside the training reward
     gold: list[str] = Field([], description="gold rewards (each a rewards.from_spec spec), scored on gold_prompts")
     gold_every: int = Field(0, ge=0, description="score the gold rewards every N optimizer steps (0: never)")

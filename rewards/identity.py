@@ -277,6 +277,8 @@ class IdentityReward(FrozenReward):
             faces = torch.as_tensor(ctx["reference_faces"], device=device)
             if faces.ndim == 3:
                 faces = faces[None]
+            per_row = faces.shape[1] if faces.ndim == 5 else 1  # [N,K,3,H,W]: K references per row, averaged
+            faces = faces.flatten(0, 1) if faces.ndim == 5 else faces
 
             check_images(faces, name="identity reference_faces")
             lms = self._detect(self.reference_detector or self.detector, faces, "reference faces")
@@ -285,8 +287,10 @@ class IdentityReward(FrozenReward):
                 raise RewardInputError(f"identity: no face found in reference image(s) {bad}")
             with torch.no_grad():
                 ref = self.embed_faces(align_faces(faces.float(), torch.stack(lms)))  # type: ignore[arg-type]
+                if per_row > 1:
+                    ref = F.normalize(ref.reshape(-1, per_row, ref.shape[-1]).mean(1), dim=-1)
         else:
-            raise RewardInputError("identity: context needs 'reference_faces' ([1 or B,3,H,W] in [0,1]) or "
+            raise RewardInputError("identity: context needs 'reference_faces' ([1 or B,(K,)3,H,W] in [0,1]) or "
                                    "'reference_embeddings' ([1 or B,D])")
         if ref.shape[0] not in (1, batch):
             raise RewardInputError(f"identity: {ref.shape[0]} references for {batch} images (need 1 or {batch})")

@@ -11,6 +11,8 @@
 * ``--prompts``: a UTF-8 text file with one prompt per line, matched to the images in sorted order; the line
   count must equal the image count, or the file holds a single line used for every image. Blank lines at the
   end are ignored; a blank line elsewhere is the empty prompt.
+* ``--reference-faces``: an image file or folder (one size) of reference faces for the identity rewards
+  (``identity``, ``toy_identity``); they reach every reward as ``context["reference_faces"]`` ``[1,K,3,H,W]``.
 * ``--out``: CSV with a header ``file,prompt,<reward>...`` and one row per image. It must name a file in a
   writable folder; that is checked before anything is scored, and the CSV is written atomically.
 
@@ -26,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .base import RewardInputError
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -172,6 +176,14 @@ def run(args: argparse.Namespace) -> int:
         if args.batch_size < 1:
             raise ScoreCLIError("--batch-size must be >= 1")
         out = check_out(args.out)
+        context = None
+        if getattr(args, "reference_faces", None):
+            from .references import ReferenceError, load_reference_faces
+
+            try:
+                context = {"reference_faces": load_reference_faces(args.reference_faces, "--reference-faces")}
+            except ReferenceError as e:
+                raise ScoreCLIError(str(e)) from None
     except ScoreCLIError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -197,12 +209,12 @@ def run(args: argparse.Namespace) -> int:
             x = torch.stack(batch).to(args.device)
             ps = prompts[i:j]
             with torch.no_grad():
-                cols = {n: r(x, ps).float().cpu().tolist() for n, r in rewards.items()}
+                cols = {n: r(x, ps, context).float().cpu().tolist() for n, r in rewards.items()}
             for k in range(j - i):
                 rows.append([files[i + k].name, ps[k]] + [cols[n][k] for n, _ in specs])
             bar.update(j - i)
             i = j
-    except ScoreCLIError as e:
+    except (ScoreCLIError, RewardInputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -8,6 +8,8 @@ Registered names (all take images ``[B,3,H,W]`` in [0,1] and toy-grammar prompts
 * ``toy_oracle``: mean of color, shape and position: the held-out truth for reward hacking.
 * ``toy_aesthetic``: differentiable "aesthetic" proxy in [0,1], prompt-independent
   (``diffalign.toyworld.aesthetic``).
+* ``toy_identity``: cosine of toy identity embeddings, generated vs the reference images in ``context``
+  (``diffalign.toyworld.identity``; ID-Aligner's identity reward in the toy world); differentiable.
 * ``toy_clip``: ``logit_scale * cos(image, text)`` of the tiny CLIP trained on toy data
   (``diffalign.toyworld.clip.train_toy_clip``), loaded from its directory; differentiable.
 
@@ -165,3 +167,64 @@ class ToySoftShapeReward(Reward):
 def _toy_shape_soft(path: str | None = None, **kwargs: Any) -> Reward:
     _no_path("toy_shape_soft", path, kwargs)
     return ToySoftShapeReward()
+
+
+class ToyIdentityReward(Reward):
+    """Toy identity reward (ID-Aligner's face-identity reward in the toy world): ``cos(E(image), E(ref))``
+    with ``E`` the toy identity network (``diffalign.toyworld.identity``), in [-1, 1]; differentiable.
+
+    The references come through ``context`` as for ``identity`` (``rewards/identity.py``):
+    ``context["reference_faces"]`` ``[1 or B,3,H,W]`` (one reference per image, or one for all) or
+    ``[1 or B,K,3,H,W]`` (K references, their embeddings averaged), images in [0,1]; or
+    ``context["reference_embeddings"]`` ``[1 or B,D]``. The toy world has no face detector: every image
+    is scored (no masking)."""
+
+    name = "toy_identity"
+    differentiable = True
+
+    def __init__(self, path: str | Path | None = None, device: str | torch.device = "cpu") -> None:
+        super().__init__()
+        from diffalign.toyworld.identity import load_identity_net
+
+        self.net = load_identity_net(path, device=device)
+        self.path = str(path) if path is not None else "(shipped)"
+
+    def reference_embeddings(self, context: dict[str, Any] | None, batch: int) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        ctx = context or {}
+        dev = next(self.net.parameters()).device
+        if "reference_embeddings" in ctx:
+            ref = F.normalize(torch.as_tensor(ctx["reference_embeddings"], dtype=torch.float32, device=dev), dim=-1)
+            ref = ref.reshape(-1, ref.shape[-1])
+        elif "reference_faces" in ctx:
+            r = torch.as_tensor(ctx["reference_faces"]).to(dev, torch.float32)
+            if r.ndim == 3:
+                r = r[None]
+            if r.ndim == 4:
+                r = r[:, None]
+            if r.ndim != 5 or r.shape[2] != 3:
+                raise RewardInputError(f"toy_identity: reference_faces must be [N,3,H,W] or [N,K,3,H,W], got "
+                                       f"{tuple(r.shape)}")
+            n, k = r.shape[:2]
+            with torch.no_grad():
+                ref = F.normalize(self.net(r.flatten(0, 1)).reshape(n, k, -1).mean(1), dim=-1)
+        else:
+            raise RewardInputError("toy_identity: context needs 'reference_faces' ([1 or B,(K,)3,H,W] in [0,1]) or "
+                                   "'reference_embeddings' ([1 or B,D]); with a config, set reward.reference_faces "
+                                   "or give each prompt a reference")
+        if ref.shape[0] not in (1, batch):
+            raise RewardInputError(f"toy_identity: {ref.shape[0]} references for {batch} images (need 1 or {batch})")
+        return ref.expand(batch, -1)
+
+    def score(self, images: torch.Tensor, prompts: list[str], context: dict[str, Any] | None = None) -> torch.Tensor:
+        ref = self.reference_embeddings(context, images.shape[0])
+        return (self.net(images.float()) * ref).sum(-1)
+
+
+@register("toy_identity")
+def _toy_identity(path: str | None = None, device: str | torch.device = "cpu", **kwargs: Any) -> Reward:
+    """``path``: a folder written by ``diffalign.toyworld.identity.train_identity_net`` (default: the shipped one)."""
+    if kwargs:
+        raise TypeError(f"toy_identity takes path and device; got unknown options {sorted(kwargs)}")
+    return ToyIdentityReward(path, device=device)

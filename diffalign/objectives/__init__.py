@@ -15,3 +15,5 @@ from .mapo import MaPO
 
 __all__ = ["OBJECTIVES", "DiffusionDPO", "DiffusionDRO", "InPO", "MaPO", "Objective", "build_objective",
            "options_model", "register"]
+
+from . import idaligner  # noqa: E402,F401  (ID-Aligner: reward feedback with identity references; own line for merges)

@@ -28,7 +28,8 @@ that add them).
 
 The reward arrives through ``setup(backbone, reward=...)`` (objectives never import ``rewards``); it must
 be differentiable (the analytic toy oracles are not: train on them with a policy-gradient method).
-The batch is ``{"prompts": list[str], "cond": Cond}``; the CFG's unconditional branch comes from the
+The batch is ``{"prompts": list[str], "cond": Cond}`` (plus ``"references"``, reference images the reward
+gets as ``context["reference_faces"]``: ID-Aligner's identity reward, ``objectives/idaligner.py``); the CFG's unconditional branch comes from the
 backbone (``negative_cond("")``). Defaults are the toy-world recipe; the official values are in the
 field comments and in configs/*_{refl,draft,alignprop}.yaml.
 """
@@ -102,8 +103,9 @@ class _RewardFeedback(Objective):
         return torch.stack(terms).mean()
 
     def _reward_loss(self, x0: torch.Tensor, prompts: list[str], backbone: Backbone, kl: torch.Tensor,
-                     extra: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        r, members = self._score(backbone.decode_latents(x0), prompts)
+                     extra: dict[str, torch.Tensor], context: dict | None = None,
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        r, members = self._score(backbone.decode_latents(x0), prompts, context)
         r_used = r if self.reward_cap is None else r.clamp(max=self.reward_cap)
         loss = -self.reward_scale * r_used.mean() + self.beta_kl * kl
         metrics = {"loss": loss.detach(), "reward": r.detach().mean(), "reward_std": r.detach().std(unbiased=False),
@@ -111,12 +113,24 @@ class _RewardFeedback(Objective):
         metrics.update({f"reward/{n}": v.detach().mean() for n, v in members.items()})
         return loss, metrics
 
-    def _score(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _score(self, images: torch.Tensor, prompts: list[str],
+               context: dict | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The reward ``[B]``; for an ensemble (``member_scores`` + ``combine``) also each member's scores."""
         if hasattr(self.reward, "member_scores") and hasattr(self.reward, "combine"):
-            members = self.reward.member_scores(images, prompts)
+            members = self.reward.member_scores(images, prompts, context)
             return self.reward.combine(members).float(), members
-        return self.reward(images, prompts).float(), {}
+        return self.reward(images, prompts, context).float(), {}
+
+    @staticmethod
+    def _context(batch: dict, n_rep: int = 1) -> dict | None:
+        """The reward's context from the batch: its reference images (``[B or 1,K,3,H,W]``; identity rewards),
+        tiled like the prompts when the chain makes ``n_rep`` copies of each row."""
+        refs = batch.get("references")
+        if refs is None:
+            return None
+        if n_rep > 1 and refs.shape[0] > 1:
+            refs = refs.repeat(n_rep, *([1] * (refs.ndim - 1)))
+        return {"reference_faces": refs}
 
 
 @register("refl")
@@ -143,7 +157,7 @@ class ReFL(_RewardFeedback):
                         checkpoint=self.checkpoint)
         extra = {"grad_step": torch.tensor(float(k))}
         loss, metrics = self._reward_loss(chain.x0, batch["prompts"], backbone, self._kl(chain, backbone, cond, uncond),
-                                          extra)
+                                          extra, self._context(batch))
         if self.pretrain_weight > 0:
             pre = self.pretrain_loss(batch, backbone)
             loss = loss + self.pretrain_weight * pre
@@ -185,11 +199,13 @@ class DRaFT(_RewardFeedback):
             chain = ddim_chain(backbone, noise, cond, uncond, ts, guidance_scale=self.guidance_scale,
                                grad_steps=self.k, checkpoint=self.checkpoint)
             kl = self._kl(chain, backbone, cond, uncond)
-            return self._reward_loss(chain.x0, prompts, backbone, kl, {"grad_steps": torch.tensor(float(self.k))})
+            return self._reward_loss(chain.x0, prompts, backbone, kl, {"grad_steps": torch.tensor(float(self.k))},
+                                     self._context(batch))
         x0 = ddim_chain(backbone, noise, cond, uncond, ts, guidance_scale=self.guidance_scale, grad_steps=0).x0
         chain = renoised_x0(backbone, x0, cond, uncond, ts[-1], guidance_scale=self.guidance_scale, n=self.lv_copies)
         kl = self._kl(chain, backbone, cond, uncond, n_rep=self.lv_copies)
-        return self._reward_loss(chain.x0, prompts * self.lv_copies, backbone, kl, {"grad_steps": torch.tensor(1.0)})
+        return self._reward_loss(chain.x0, prompts * self.lv_copies, backbone, kl, {"grad_steps": torch.tensor(1.0)},
+                                 self._context(batch, self.lv_copies))
 
 
 @register("alignprop")
@@ -217,5 +233,6 @@ class AlignProp(_RewardFeedback):
         chain = ddim_chain(backbone, noise, cond, uncond, ts, guidance_scale=self.guidance_scale, grad_steps=k,
                            checkpoint=self.checkpoint)
         kl = self._kl(chain, backbone, cond, uncond)
-        return self._reward_loss(chain.x0, list(batch["prompts"]), backbone, kl, {"grad_steps": torch.tensor(float(k))})
+        return self._reward_loss(chain.x0, list(batch["prompts"]), backbone, kl, {"grad_steps": torch.tensor(float(k))},
+                                 self._context(batch))
 

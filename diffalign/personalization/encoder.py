@@ -187,3 +187,49 @@ def load_encoder(spec: str, device: str | torch.device = "cpu") -> TripleEncoder
     if kind == "vlm":
         return VLMEncoder.from_pretrained(rest, device=device)
     raise EncoderError(f"user encoder {spec!r}: unknown kind {kind!r} (clip, open_clip or vlm)")
+
+
+# ------------------------------------------------------------------ reference-image encoders (ID-Aligner)
+
+
+class ReferenceImageEncoder:
+    """Reference images ``[K,3,H,W]`` in [0,1] -> one unit-norm embedding ``[dim]`` (the mean of the K image
+    embeddings): what an identity adapter (ID-Aligner's IP-Adapter form) feeds its decoupled cross-attention,
+    in the place of personalization's user embedding. ``embed`` maps ``[N,3,H,W]`` to ``[N,dim]``."""
+
+    def __init__(self, embed: Any, dim: int, name: str) -> None:
+        self.embed, self.dim, self.name = embed, dim, name
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.reshape(-1, *images.shape[-3:]).float()
+        return pool(F.normalize(self.embed(x).float(), dim=-1))
+
+
+def load_image_encoder(spec: str, device: str | torch.device = "cpu") -> ReferenceImageEncoder:
+    """``toy_identity`` / ``toy_identity=FOLDER`` (the toy identity network; default: the shipped one),
+    ``arcface=FILE`` (an insightface arcface_torch iresnet ``backbone.pth``; the references must be aligned
+    112x112 face crops), ``clip=FOLDER`` (a transformers CLIPModel's image features, IP-Adapter's choice)."""
+    kind, sep, rest = spec.partition("=")
+    try:
+        if kind == "toy_identity":
+            from ..toyworld.identity import load_identity_net
+
+            net = load_identity_net(rest or None, device=device)
+            return ReferenceImageEncoder(lambda x: net(x.to(device)), net.dim, spec)
+        if kind == "arcface" and sep:
+            from rewards.identity import load_iresnet
+
+            arc = load_iresnet(rest).to(device).eval().requires_grad_(False)
+
+            def embed(x: torch.Tensor) -> torch.Tensor:
+                x = F.interpolate(x.to(device), size=(112, 112), mode="bilinear", align_corners=False)
+                return arc((x - 0.5) / 0.5)
+
+            return ReferenceImageEncoder(embed, int(arc.fc.out_features), spec)
+        if kind == "clip" and sep:
+            clip = CLIPPairEncoder.from_path(rest, device=device)
+            return ReferenceImageEncoder(clip._features, clip.dim, spec)
+    except (FileNotFoundError, ValueError) as e:
+        raise EncoderError(f"reference image encoder {spec!r}: {e}") from e
+    raise EncoderError(f"reference image encoder {spec!r}: expected toy_identity[=FOLDER], arcface=FILE or clip=FOLDER")

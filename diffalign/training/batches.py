@@ -16,7 +16,12 @@ from ..backbones.base import Backbone, Cond, apply_prompt_dropout
 def model_inputs(batch: dict[str, Any], backbone: Backbone, prompt_dropout: float, empty_cond: Cond | None) -> dict:
     dev = backbone.device
     if "prompts" in batch:  # online: {"prompts", "cond"}; no prompt dropout (the reward scores the prompt)
-        return {"prompts": list(batch["prompts"]), "cond": backbone.encode_prompts(batch["prompts"])}
+        out = {"prompts": list(batch["prompts"]), "cond": backbone.encode_prompts(batch["prompts"])}
+        if "references" in batch:  # reference images for an identity reward (ID-Aligner)
+            out["references"] = batch["references"].to(dev)
+        if batch.get("cond_extra"):  # reference embeddings for an identity adapter
+            out["cond"] = Cond({**out["cond"].tensors, **{k: v.to(dev) for k, v in batch["cond_extra"].items()}})
+        return out
     if "pixels" in batch:  # expert demonstrations (single images)
         with torch.no_grad():
             latents = backbone.encode_images(batch["pixels"].to(dev))

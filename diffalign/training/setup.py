@@ -88,7 +88,7 @@ def build_dataset(cfg: RunConfig, backbone: Backbone, kind: str = "pairs") -> tu
     if kind == "prompts":  # online objectives: prompts only, the model makes the images
         from ..data.prompts import PromptDataset, collate_prompts
 
-        ds = PromptDataset(d.train)
+        ds = PromptDataset(d.train, references=_shared_references(cfg), encoder=_reference_encoder(cfg, backbone))
         if d.limit:
             ds.prompts = ds.prompts[: d.limit]
         return ds, collate_prompts, None
@@ -117,6 +117,35 @@ def build_dataset(cfg: RunConfig, backbone: Backbone, kind: str = "pairs") -> tu
         random_flip=d.random_flip, random_crop=d.random_crop, limit=d.limit,
     )
     return ds, collate_pairs, None
+
+
+def _shared_references(cfg: RunConfig) -> torch.Tensor | None:
+    """``reward.reference_faces``: one set of reference images for every prompt (identity rewards)."""
+    if not cfg.reward.reference_faces:
+        return None
+    from rewards.references import ReferenceError, load_reference_faces
+
+    try:
+        return load_reference_faces(cfg.reward.reference_faces, "reward.reference_faces")
+    except ReferenceError as e:
+        raise ValueError(str(e)) from None
+
+
+def _reference_encoder(cfg: RunConfig, backbone: Backbone) -> Any:
+    """``objective.encoder`` of an identity adapter (``idaligner`` with ``form: adapter``): reference images ->
+    the embedding its decoupled cross-attention reads (``personalization.encoder.load_image_encoder``)."""
+    o = cfg.objective
+    if getattr(o, "form", None) != "adapter":
+        return None
+    from ..personalization.encoder import EncoderError, load_image_encoder
+
+    try:
+        enc = load_image_encoder(o.encoder, device=backbone.device)
+    except EncoderError as e:
+        raise ValueError(f"objective.encoder: {e}") from None
+    if enc.dim != o.embed_dim:
+        raise ValueError(f"objective.embed_dim is {o.embed_dim}, but the reference encoder {o.encoder} gives {enc.dim}")
+    return enc
 
 
 def _user_pairs(cfg: RunConfig, backbone: Backbone) -> Any:

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 LAYERS = [
     ("diffalign.backbones", 0), ("diffalign.utils", 0), ("rewards", 0),
     ("diffalign.toyworld.shapes", 0), ("diffalign.toyworld.oracles", 0), ("diffalign.toyworld.aesthetic", 0),
-    ("diffalign.toyworld.clip", 0),
+    ("diffalign.toyworld.clip", 0), ("diffalign.toyworld.identity", 0),
     ("diffalign.objectives", 1), ("diffalign.sampling", 1),
     ("diffalign.data", 2), ("diffalign.personalization", 2),
     ("diffalign.config", 3), ("diffalign.training", 3),

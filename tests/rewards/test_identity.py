@@ -153,3 +153,19 @@ def test_callable_detector_picks_largest_face():
     assert seen["shape"] == (8, 8, 3) and seen["first"] == [0, 0, 255]  # BGR
     np.testing.assert_array_equal(out[0].numpy(), kps_big)
     assert CallableDetector(lambda im: [])(img) == [None]
+
+
+def test_identity_reward_averages_k_references_per_row(tmp_path):
+    import torch.nn.functional as F
+
+    net = tiny_iresnet(seed=2)
+    f = tmp_path / "backbone.pth"
+    torch.save(net.state_dict(), f)
+    r = rewards.identity.IdentityReward(load_iresnet(f, layers=(1, 1, 1, 1)), detector=AlignedFaceDetector())
+    faces = _faces()
+    with torch.no_grad():
+        got = r(faces, None, {"reference_faces": faces[None]})  # [1,K,3,H,W]: K=2 references for every image
+        want_ref = F.normalize(r.embed_faces(faces).mean(0, keepdim=True), dim=-1)
+        torch.testing.assert_close(got, r(faces, None, {"reference_embeddings": want_ref}))
+        per_row = r(faces, None, {"reference_faces": faces[None].expand(2, -1, -1, -1, -1)})  # [B,K,...]
+        torch.testing.assert_close(per_row, got)
