@@ -151,10 +151,10 @@ def count_step_flops(cfg: Any) -> float:
 
 
 def _train_case(case: Case, work: Path) -> dict[str, Any]:
+    import diffusers  # noqa: F401  (imported before the baseline RSS, as train() would import it)
+
     from ..data.synthetic import write_rendered_pairs
     from ..training import train
-
-    import diffusers  # noqa: F401  (imported before the baseline RSS, as train() would import it)
 
     rss0 = _rss_mb()
     data = write_rendered_pairs(work / "pairs", n=max(64, 4 * case.batch_size), seed=0)
