@@ -58,7 +58,10 @@ def build_backbone(cfg: RunConfig, device: torch.device | str = "cpu") -> Backbo
         bb.denoiser.to(memory_format=torch.channels_last)
         bb.channels_last = True
     if m.compile:
-        bb.denoiser.compile(backend=m.compile_backend)  # in place: the module (and its LoRA parameters) stay the same objects
+        try:  # in place: the module (and its LoRA parameters) stay the same objects
+            bb.denoiser.compile(backend=m.compile_backend)
+        except Exception as e:  # torch names its own argument, not our key
+            raise ValueError(f"model.compile_backend {m.compile_backend!r}: torch.compile refused it: {e}") from e
     return bb
 
 

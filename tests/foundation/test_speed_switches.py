@@ -106,3 +106,8 @@ def test_cached_reference_switch_equals_peft_switch_and_keeps_requires_grad(tmp_
     assert len(_tuner_layers(model)) > 0
     # the layers are found once: a second call returns the same list object
     assert _tuner_layers(model) is _tuner_layers(model)
+
+
+def test_a_bad_compile_backend_is_an_error_naming_the_key(tmp_path):
+    with pytest.raises(ValueError, match="model.compile_backend 'nonsense'"):
+        build_backbone(_cfg(tmp_path, {"compile": True, "compile_backend": "nonsense"}))
