@@ -1,0 +1,279 @@
+"""Our `diffalign train` (Diffusion-DPO) side by side with diffusers' research script
+``examples/research_projects/diffusion_dpo/train_diffusion_dpo.py``, run as it is.
+
+The diffusers script lives in the diffusers *source* repository (not in its wheel) and is not copied
+here: pass its path with ``--peer-script``. Its extra dependencies are the ``peer`` extra
+(``pip install 'diffalign[peer]'``: datasets, wandb).
+
+Both contenders get the same diffusers pipeline folder, the same pairs (one ``train.parquet`` in the
+Pick-a-Pic schema the script's ``load_dataset`` reads: ``jpg_0``/``jpg_1`` image bytes, ``label_0``,
+``caption``), the same batch, resolution, LoRA (rank r, alpha r, gaussian init, to_q/k/v/out.0), AdamW
+(lr, weight decay 1e-2, betas 0.9/0.999), gradient clipping at 1.0, constant LR without warm-up, random
+horizontal flips, no prompt dropout, and the equivalent beta: ours is the official ``beta/2`` form, so our
+``--beta`` 5000 is the script's ``--beta_dpo`` 2500.
+
+Measured per run (each run is a fresh process, contenders alternate within each repeat, one thread):
+- steps/s after start-up: both write TensorBoard scalars ("loss") with wall-clock stamps; the rate is
+  ``(N - W) / (wall(step N) - wall(step W))`` for the ``W`` warm-up steps and the ``N`` steps of the run,
+  so loading, data preparation and the final save are left out alike;
+- start-up: seconds from the process start to the first logged step W;
+- peak RSS of the process (``os.wait4``'s ``ru_maxrss``).
+
+Reported: the median and range over the repeats, and our/peer ratios of the medians.
+
+    python scripts/bench_peer.py --peer-script /path/to/train_diffusion_dpo.py --repeats 5 \
+        --out docs/results/peer_tiny.json
+    python scripts/bench_peer.py --peer-script ... --arch sd15 --pipeline-dir /tmp/sd15_arch \
+        --resolution 128 --batch 1 --steps 6 --warmup 2 --log-every 2 --out docs/results/peer_sd15.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_pairs(out: Path, n: int, size: int, seed: int = 0) -> Path:
+    """``out/train.parquet``: n rendered toy pairs, images as PNG bytes (Pick-a-Pic v2 layout)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from diffalign.data.synthetic import write_rendered_pairs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = write_rendered_pairs(Path(tmp), n=n, seed=seed, size=size)
+        rows = [json.loads(x) for x in src.read_text().splitlines()]
+        cols = {"caption": [r["caption"] for r in rows], "label_0": [float(r["label_0"]) for r in rows],
+                "jpg_0": [(Path(tmp) / r["jpg_0"]).read_bytes() for r in rows],
+                "jpg_1": [(Path(tmp) / r["jpg_1"]).read_bytes() for r in rows]}
+    out.mkdir(parents=True, exist_ok=True)
+    table = pa.table({"caption": pa.array(cols["caption"]), "label_0": pa.array(cols["label_0"]),
+                      "jpg_0": pa.array(cols["jpg_0"], pa.binary()), "jpg_1": pa.array(cols["jpg_1"], pa.binary())})
+    path = out / "train.parquet"
+    pq.write_table(table, path)
+    return path
+
+
+def save_arch_pipeline(arch: str, out: Path) -> Path:
+    """The real ``arch`` architecture with random weights as a diffusers folder (both contenders load it);
+    the tokenizer also gets vocab.json/merges.txt for the script's slow ``AutoTokenizer(use_fast=False)``."""
+    from diffalign.backbones.arch import build_arch_pipeline
+
+    if not (out / "model_index.json").exists():
+        build_arch_pipeline(arch, seed=0).save_pretrained(out)
+    return out
+
+
+def toy_base() -> Path:
+    from diffalign.toyworld.bases import find_base
+
+    return Path(find_base(None)) / "sd"
+
+
+def peer_command(a: argparse.Namespace, model: Path, data_dir: Path, out: Path, steps: int,
+                 fast: bool) -> list[str]:
+    cmd = [sys.executable, str(a.peer_script), "--pretrained_model_name_or_path", str(model),
+           "--dataset_name", str(data_dir), "--dataset_split_name", "train", "--cache_dir", str(out / "hf_cache"),
+           "--output_dir", str(out), "--resolution", str(a.resolution), "--train_batch_size", str(a.batch),
+           "--max_train_steps", str(steps), "--rank", str(a.rank), "--beta_dpo", f"{a.beta / 2:g}",
+           "--learning_rate", str(a.lr), "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
+           "--checkpointing_steps", "1000000", "--seed", "0", "--report_to", "tensorboard",
+           "--dataloader_num_workers", "0"]
+    if fast:  # its own fastest CPU settings: the VAE encodes the whole batch at once
+        cmd += ["--vae_encode_batch_size", str(2 * a.batch)]
+    return cmd
+
+
+def ours_command(a: argparse.Namespace, model: Path, data: Path, out: Path, steps: int, fast: bool,
+                 cache: Path | None) -> list[str]:
+    import yaml
+
+    cfg: dict[str, Any] = {
+        "model": {"path": str(model), "resolution": a.resolution, "lora_rank": a.rank},
+        "data": {"train": str(data), "prompt_dropout": 0.0, "random_flip": True},
+        "objective": {"name": "dpo", "beta": a.beta},
+        "train": {"output_dir": str(out), "steps": steps, "batch_size": a.batch, "lr": a.lr,
+                  "lr_scheduler": "constant", "warmup_steps": 0, "weight_decay": 1e-2, "max_grad_norm": 1.0,
+                  "log_every": a.log_every, "checkpoint_every": 0, "sample_every": 0, "sample_steps": 1,
+                  "sample_prompts": ["a red circle"], "checkpoint_checksums": False},
+    }
+    if fast:
+        for part in a.ours_fastest.split("+"):
+            if part == "cache":
+                cfg["data"]["cache_dir"] = str(cache)
+            elif part == "channels_last":
+                cfg["model"]["channels_last"] = True
+            elif part == "bf16":
+                cfg["train"]["mixed_precision"] = "bf16"
+            elif part:
+                raise SystemExit(f"--ours-fastest: unknown part {part!r} (cache, channels_last, bf16)")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    exe = Path(sys.executable).with_name("diffalign")
+    return [str(exe), "train", str(path)]
+
+
+def loss_walltimes(run_dir: Path) -> dict[int, float]:
+    """step -> wall-clock time of the "loss" scalar, from every TensorBoard event file under run_dir."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[int, float] = {}
+    for f in run_dir.rglob("events.out.tfevents*"):
+        acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
+        acc.Reload()
+        if "loss" in acc.Tags().get("scalars", []):
+            for e in acc.Scalars("loss"):
+                out[e.step] = e.wall_time
+    return out
+
+
+def run_one(cmd: list[str], run_dir: Path, steps: int, warmup: int, threads: int, log: Path) -> dict[str, Any]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+    t0 = time.time()
+    with log.open("w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=run_dir.parent)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.time() - t0
+    rc = os.waitstatus_to_exitcode(status)
+    if rc != 0:
+        raise RuntimeError(f"{cmd[:3]} exited {rc}; log {log}:\n" + log.read_text()[-3000:])
+    stamps = loss_walltimes(run_dir)
+    if warmup not in stamps or steps not in stamps:
+        raise RuntimeError(f"{run_dir}: no loss logged at steps {warmup} and {steps} (got {sorted(stamps)}); log {log}")
+    return {"steps_per_s": (steps - warmup) / (stamps[steps] - stamps[warmup]), "startup_s": stamps[warmup] - t0,
+            "wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+def summary(vals: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--peer-script", type=Path, required=True, help="diffusers' train_diffusion_dpo.py")
+    p.add_argument("--model", type=Path, default=None, help="diffusers pipeline folder (default: the toy SD base)")
+    p.add_argument("--arch", choices=["sd15"], default=None,
+                   help="save the real architecture with random weights to --pipeline-dir and use it")
+    p.add_argument("--pipeline-dir", type=Path, default=None, help="where --arch saves its pipeline (reused)")
+    p.add_argument("--pairs", type=int, default=64)
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--batch", type=int, default=8, help="pairs per step")
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--beta", type=float, default=5000.0, help="ours (beta/2 form); the script gets beta/2")
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--steps", type=int, default=25, help="steps of each run")
+    p.add_argument("--warmup", type=int, default=5, help="steps left out of the rate")
+    p.add_argument("--log-every", type=int, default=5, help="our train.log_every (the script logs every step)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--settings", default="same,fastest", help="same, fastest, or both")
+    p.add_argument("--ours-fastest", default="cache", help="our switches at our fastest: cache+channels_last+bf16")
+    p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    p.add_argument("--out", type=Path, default=None, help="results JSON")
+    a = p.parse_args(argv)
+    if not a.peer_script.is_file():
+        p.error(f"--peer-script {a.peer_script}: no such file")
+    if (a.steps - a.warmup) % a.log_every or a.warmup % a.log_every:
+        p.error("--warmup and --steps must be multiples of --log-every (our loss is logged every --log-every steps)")
+    work = Path(a.work or tempfile.mkdtemp(prefix="bench_peer_"))
+    work.mkdir(parents=True, exist_ok=True)
+    if a.arch:
+        model = save_arch_pipeline(a.arch, a.pipeline_dir or work / f"{a.arch}_arch")
+    else:
+        model = a.model or toy_base()
+    data = write_pairs(work / "data", a.pairs, a.resolution)
+    settings = [s for s in a.settings.split(",") if s]
+    cache = None
+    if "fastest" in settings and "cache" in a.ours_fastest.split("+"):
+        cache = work / "cache"
+        if not (cache / "meta.json").exists():
+            _build_cache(model, data, a.resolution, cache)
+    contenders = []
+    for s in settings:
+        contenders += [("peer", s), ("ours", s)]
+    runs: dict[str, list[dict[str, Any]]] = {f"{c} {s}": [] for c, s in contenders}
+    for r in range(a.repeats):
+        for who, s in contenders:
+            run_dir = work / f"{who}_{s}_{r}"
+            shutil.rmtree(run_dir, ignore_errors=True)
+            fast = s == "fastest"
+            cmd = (peer_command(a, model, data.parent, run_dir, a.steps, fast) if who == "peer"
+                   else ours_command(a, model, data, run_dir, a.steps, fast, cache))
+            res = run_one(cmd, run_dir, a.steps, a.warmup, a.threads, work / f"{who}_{s}_{r}.log")
+            res["loadavg"] = list(os.getloadavg())
+            runs[f"{who} {s}"].append(res)
+            print(f"repeat {r} {who:4s} {s:7s}: {res['steps_per_s']:.3f} steps/s, start-up {res['startup_s']:.1f} s, "
+                  f"peak RSS {res['peak_rss_mb']:.0f} MB, load {res['loadavg'][0]:.2f}", flush=True)
+            shutil.rmtree(run_dir, ignore_errors=True)
+    rows: dict[str, Any] = {}
+    for name, rs in runs.items():
+        rows[name] = {k: summary([x[k] for x in rs]) for k in ("steps_per_s", "startup_s", "peak_rss_mb")}
+        rows[name]["repeats"] = rs
+    ratios = {}
+    for s in settings:
+        o, q = rows[f"ours {s}"], rows[f"peer {s}"]
+        per = [x["steps_per_s"] / y["steps_per_s"] for x, y in zip(runs[f"ours {s}"], runs[f"peer {s}"], strict=True)]
+        mem = [x["peak_rss_mb"] / y["peak_rss_mb"] for x, y in zip(runs[f"ours {s}"], runs[f"peer {s}"], strict=True)]
+        ratios[s] = {"steps_per_s": o["steps_per_s"]["median"] / q["steps_per_s"]["median"],
+                     "steps_per_s_per_repeat": summary(per),
+                     "peak_rss": o["peak_rss_mb"]["median"] / q["peak_rss_mb"]["median"], "peak_rss_per_repeat": summary(mem)}
+    result = {"peer_script": str(a.peer_script), "model": str(model), "args": {k: str(v) for k, v in vars(a).items()},
+              "machine": _machine(), "rows": rows, "ratios": ratios}
+    print(table(result))
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def _build_cache(model: Path, data: Path, resolution: int, out: Path) -> None:
+    """Our latent + text-embedding cache (with flipped latents), built once before the timed runs."""
+    from diffalign.backbones import load_backbone
+    from diffalign.data.cache import build_cache
+    from diffalign.data.pairs import PreferencePairs
+
+    bb = load_backbone(str(model), resolution=resolution)
+    ds = PreferencePairs(str(data), resolution=resolution, random_flip=False)
+    build_cache(ds, bb, out, batch_size=8, progress=False, dtype="float32")
+
+
+def _machine() -> dict[str, Any]:
+    import platform
+
+    import torch
+
+    return {"platform": platform.platform(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "loadavg_end": list(os.getloadavg())}
+
+
+def table(result: dict[str, Any]) -> str:
+    def f(d: dict[str, float], fmt: str) -> str:
+        return f"{d['median']:{fmt}} [{d['min']:{fmt}}-{d['max']:{fmt}}]"
+
+    lines = ["| contender | steps/s | start-up s | peak RSS MB |", "|---|---|---|---|"]
+    for name, row in result["rows"].items():
+        lines.append(f"| {name} | {f(row['steps_per_s'], '.3f')} | {f(row['startup_s'], '.1f')} | "
+                     f"{f(row['peak_rss_mb'], '.0f')} |")
+    for s, r in result["ratios"].items():
+        lines.append(f"\n{s}: ours/peer steps/s {r['steps_per_s']:.2f}x (per repeat "
+                     f"{r['steps_per_s_per_repeat']['min']:.2f}-{r['steps_per_s_per_repeat']['max']:.2f}), "
+                     f"peak RSS {r['peak_rss']:.2f}x")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
