@@ -11,13 +11,16 @@ import torch
 from ..backbones import Backbone, load_backbone
 from ..backbones.lora import add_lora
 from ..config import RunConfig
+from .deferred import DeferredModule, can_defer, load_pipeline_deferred
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def build_backbone(cfg: RunConfig, device: torch.device | str = "cpu") -> Backbone:
+def build_backbone(cfg: RunConfig, device: torch.device | str = "cpu", *, defer_frozen: bool | None = None) -> Backbone:
+    """``defer_frozen`` (default: when ``data.cache_dir`` is set and ``model.path`` is a SD/SDXL folder): the
+    VAE and text encoders are not loaded until first used (``deferred.py``); the cache serves every step."""
     m = cfg.model
     if m.path.startswith("tiny:"):
         from ..backbones.tiny import build_tiny_pipeline
@@ -29,11 +32,18 @@ def build_backbone(cfg: RunConfig, device: torch.device | str = "cpu") -> Backbo
         source = build_arch_pipeline(m.path.split(":", 1)[1], seed=cfg.train.seed)
     else:
         source = m.path
+        if defer_frozen is None:
+            defer_frozen = bool(cfg.data.cache_dir)
+        if defer_frozen and can_defer(m.path):
+            source = load_pipeline_deferred(m.path)
     bb = load_backbone(
         source, resolution=m.resolution, max_sequence_length=m.max_sequence_length, embedded_guidance=m.embedded_guidance
     )
     frozen = DTYPES[m.frozen_dtype]
     bb.to(device, frozen_dtype=None if frozen == torch.float32 else frozen)
+    for comp in bb.pipe.components.values():  # Backbone.to moves modules only
+        if isinstance(comp, DeferredModule):
+            comp.to(device, dtype=frozen)
     if m.lora:
         if frozen != torch.float32:
             bb.denoiser.to(dtype=frozen)  # the base weights are frozen too
