@@ -209,6 +209,39 @@ def _run(cfg: RunConfig, resume: str | None, accelerator: Any, stop: StopSignals
     t0, steps_timed = time.time(), 0
     in_a_row, last_good = 0, resumed_from
     status, stop_signal, gold_stop = "completed", None, None
+    # no host sync per step (deferred_checks): the skip is decided on the device, and the skipped-step
+    # bookkeeping below runs for the pending steps at the next log step, checkpoint or end
+    on_device = deferred_checks(accelerator, objective, backbone, ema, nproc, deepspeed)
+    pending: list[tuple[int, Any]] = []
+
+    def account(at: int, was_skipped: bool) -> None:
+        """Count step ``at``'s skip; ``train.max_nonfinite_steps`` skips in a row stop the run."""
+        nonlocal skipped_total, in_a_row
+        if not was_skipped:
+            in_a_row = 0
+            return
+        skipped_total += 1
+        in_a_row += 1
+        if main:
+            logger.warning("step %d: non-finite loss or gradient; update skipped (%d in a row, %d in all)",
+                           at, in_a_row, skipped_total)
+        if in_a_row >= t.max_nonfinite_steps:
+            where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was saved yet"
+            raise NonFiniteError(
+                f"{in_a_row} steps in a row (up to step {at}) had a non-finite loss or gradient "
+                f"(train.max_nonfinite_steps={t.max_nonfinite_steps}); stopping. {where}. "
+                "Lower train.lr or check the data, then resume with --resume latest"
+            )
+
+    def flush() -> None:
+        """Read the pending steps' skip flags (one host sync) and account for them in order."""
+        if pending:
+            flags = torch.stack([f.reshape(()) for _, f in pending]).tolist()
+            steps = [s for s, _ in pending]
+            pending.clear()
+            for s, f in zip(steps, flags, strict=True):
+                account(s, bool(f))
+
     try:
         while step < t.steps:
             gold_stop = gold_check(gold, cfg.reward.gold_every, step, backbone, accelerator)
@@ -221,6 +254,7 @@ def _run(cfg: RunConfig, resume: str | None, accelerator: Any, stop: StopSignals
                 status, stop_signal = "interrupted", signal.Signals(signum).name
                 break
             skipped = bad_here = False
+            bad_t = skipped_t = None
             for k in range(t.grad_accum):
                 batch = next(batches)
                 if t.rng == "per_batch":  # noise is a function of (seed, global micro-batch index)
@@ -231,6 +265,16 @@ def _run(cfg: RunConfig, resume: str | None, accelerator: Any, stop: StopSignals
                         with torch.no_grad():
                             objective.collect(inputs, backbone)
                         loss, metrics = objective.loss(inputs, backbone)
+                    if on_device:  # the finite check stays a tensor; the update is guarded on the device
+                        finite_t = torch.isfinite(loss.detach()).all()
+                        bad_t = ~finite_t if bad_t is None else bad_t | ~finite_t
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients:
+                            skipped_t = _update_on_device(optimizer, lr_scheduler, clip_params, t.max_grad_norm,
+                                                          bad_t, metrics, accelerator)
+                            bad_t = None
+                        window.add(metrics, finite_t)
+                        continue
                     finite = bool(torch.isfinite(loss.detach()).all())
                     bad_here |= not finite
                     if deepspeed and agreed_max(accelerator, int(not finite)):
@@ -248,23 +292,15 @@ def _run(cfg: RunConfig, resume: str | None, accelerator: Any, stop: StopSignals
                     window.add(metrics)
             step += 1
             steps_timed += 1
-            if skipped:
-                skipped_total += 1
-                in_a_row += 1
-                if main:
-                    logger.warning("step %d: non-finite loss or gradient; update skipped (%d in a row, %d in all)",
-                                   step, in_a_row, skipped_total)
-                if in_a_row >= t.max_nonfinite_steps:
-                    where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was saved yet"
-                    raise NonFiniteError(
-                        f"{in_a_row} steps in a row (up to step {step}) had a non-finite loss or gradient "
-                        f"(train.max_nonfinite_steps={t.max_nonfinite_steps}); stopping. {where}. "
-                        "Lower train.lr or check the data, then resume with --resume latest"
-                    )
+            if on_device:
+                pending.append((step, skipped_t if skipped_t is not None else torch.zeros((), dtype=torch.bool)))
             else:
-                in_a_row = 0
-                if ema is not None:
+                account(step, skipped)
+                if not skipped and ema is not None:
                     ema.step(params)
+            checkpointing = bool(t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.steps)
+            if step % t.log_every == 0 or step == t.steps or checkpointing:
+                flush()
             if step % t.log_every == 0 or step == t.steps:
                 last = window.means(accelerator)
                 last["lr"] = lr_scheduler.get_last_lr()[0]
@@ -277,13 +313,14 @@ def _run(cfg: RunConfig, resume: str | None, accelerator: Any, stop: StopSignals
                 if "loss" in last:
                     bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last.get('implicit_acc', 0):.2f}")
             bar.update(1)
-            if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.steps:
+            if checkpointing:
                 path = save(step)
                 if in_a_row == 0:
                     last_good = path
             if t.sample_every and step % t.sample_every == 0 and step < t.steps and main and not fsdp:
                 sample_grid(backbone, cfg, out / "samples" / f"step_{step:08d}.png")
         bar.close()
+        flush()
         if status == "completed":  # the last gold point
             gold_check(gold, cfg.reward.gold_every, step, backbone, accelerator)
         final = save(step) if step > 0 else None
@@ -336,6 +373,60 @@ def _update(accelerator: Any, optimizer: Any, lr_scheduler: Any, params: list[to
     lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return True
+
+
+def deferred_checks(accelerator: Any, objective: Any, backbone: Any, ema: Any, nproc: int, deepspeed: bool) -> bool:
+    """Whether the step can run without a host sync: one process (several must agree on a skip, a
+    collective), no DeepSpeed (it updates inside backward) nor fp16 loss scaling (the GradScaler decides),
+    no EMA (it must not average a skipped step), a LoRA (its weights and optimizer state are small enough to
+    keep a copy for the on-device skip) and an objective without an ``on_update`` hook (it runs on the host)."""
+    from ..objectives import Objective
+
+    hook = getattr(getattr(objective, "on_update", None), "__func__", None)
+    return (nproc == 1 and not deepspeed and accelerator.scaler is None and ema is None
+            and has_adapter(unwrap(backbone.denoiser)) and hook is Objective.on_update)
+
+
+def _update_on_device(optimizer: Any, lr_scheduler: Any, params: list[torch.nn.Parameter], max_norm: float | None,
+                      bad_loss: torch.Tensor, metrics: dict[str, Any], accelerator: Any) -> torch.Tensor:
+    """Clip and step; where the loss or the gradient is non-finite the parameters and the optimizer state are
+    put back as they were (``torch.where`` on the device, no host sync). Returns the skip flag (a tensor).
+    Unlike the synced path the LR schedule advances on a skipped step too."""
+    norm = grad_norm(accelerator, params, max_norm, as_tensor=True)
+    bad = bad_loss
+    if norm is not None:
+        metrics["grad_norm"] = norm
+        bad = bad | ~torch.isfinite(norm)
+    guarded_step(optimizer, bad)
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return bad
+
+
+def guarded_step(optimizer: Any, bad: torch.Tensor) -> None:
+    """``optimizer.step()``, undone where ``bad`` (a 0-dim bool tensor) is true: every parameter and every
+    tensor of the optimizer state (a state created by this step is reset to zeros, as a fresh one is)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state = optimizer.state
+    before = [p.detach().clone() for p in params]
+    old_state = {i: {k: v.clone() for k, v in state[p].items() if torch.is_tensor(v)}
+                 for i, p in enumerate(params) if p in state}
+    optimizer.step()
+    host_bad = None
+    with torch.no_grad():
+        for i, (p, old) in enumerate(zip(params, before, strict=True)):
+            p.copy_(torch.where(bad, old, p))
+            for k, v in state.get(p, {}).items():
+                if not torch.is_tensor(v):
+                    continue
+                prev = old_state.get(i, {}).get(k)
+                prev = torch.zeros_like(v) if prev is None else prev
+                if v.device == bad.device:
+                    v.copy_(torch.where(bad, prev, v))
+                else:  # e.g. Adam's step counter on the CPU beside CUDA parameters: read the flag once
+                    host_bad = bool(bad) if host_bad is None else host_bad
+                    if host_bad:
+                        v.copy_(prev)
 
 
 def _data_report(dataset: Any) -> dict[str, Any]:

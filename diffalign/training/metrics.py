@@ -18,37 +18,49 @@ def agreed_max(accelerator: Any, value: int) -> int:
     return int(accelerator.gather(v).max().item())
 
 
-def grad_norm(accelerator: Any, params: list[torch.nn.Parameter], max_norm: float | None) -> float | None:
+def grad_norm(accelerator: Any, params: list[torch.nn.Parameter], max_norm: float | None,
+              as_tensor: bool = False) -> Any:
     """The total gradient norm (before clipping, which it applies when ``max_norm`` is set); None
-    where the engine keeps the gradients to itself (DeepSpeed)."""
+    where the engine keeps the gradients to itself (DeepSpeed). ``as_tensor``: a 0-dim tensor on the
+    device, not read on the host (no sync)."""
     if max_norm:
         norm = accelerator.clip_grad_norm_(params, max_norm)
-        return None if norm is None else float(norm)
+        if norm is None:
+            return None
+        return torch.as_tensor(norm) if as_tensor else float(norm)
     grads = [p.grad.detach() for p in params if p.grad is not None]
     if not grads:
         return None
     if accelerator.scaler is not None:
         return None
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    return norm if as_tensor else float(norm)
 
 
 class MetricWindow:
-    """The metrics of the micro-steps since the last log, kept as given (tensors or numbers)."""
+    """The metrics of the micro-steps since the last log, kept as given (tensors or numbers), each with
+    a ``keep`` flag (a bool or a 0-dim bool tensor: the micro-step's loss was finite)."""
 
     def __init__(self) -> None:
-        self.items: list[dict[str, Any]] = []
+        self.items: list[tuple[dict[str, Any], Any]] = []
 
-    def add(self, metrics: dict[str, Any]) -> None:
-        self.items.append(metrics)
+    def add(self, metrics: dict[str, Any], keep: Any = True) -> None:
+        self.items.append((metrics, keep))
 
     def means(self, accelerator: Any) -> dict[str, float]:
-        """Mean of each metric over the window and, with several processes, over all of them; empties
-        the window. This is where the tensors are read (one host sync per metric)."""
+        """Mean of each metric over the kept micro-steps whose value is finite and, with several processes,
+        over all of them; empties the window. This is where the tensors are read: one host sync in all."""
+        keys = list(dict.fromkeys(k for m, _ in self.items for k in m))
         sums: dict[str, list[float]] = {}
-        for k in dict.fromkeys(k for m in self.items for k in m):
-            vals = [m[k] for m in self.items if k in m]
-            total = sum(torch.stack([torch.as_tensor(v, dtype=torch.float64).cpu() for v in vals]).tolist())
-            sums[k] = [total, len(vals)]
+        if keys:
+            rows = []  # per key: [sum of kept finite values, their count]
+            for k in keys:
+                vals, keeps = zip(*[(m[k], keep) for m, keep in self.items if k in m], strict=True)
+                v = torch.stack([torch.as_tensor(x, dtype=torch.float64).detach().cpu().reshape(()) for x in vals])
+                ok = torch.stack([torch.as_tensor(x, dtype=torch.bool).cpu().reshape(()) for x in keeps]) & v.isfinite()
+                rows.append(torch.stack([torch.where(ok, v, 0.0).sum(), ok.sum().to(torch.float64)]))
+            table = torch.stack(rows).tolist()
+            sums = {k: [total, int(n)] for k, (total, n) in zip(keys, table, strict=True)}
         self.items = []
         if accelerator.num_processes > 1:
             from accelerate.utils import gather_object
