@@ -386,3 +386,88 @@ def plot(result: dict[str, Any], path: Path, x: str = "batch_size") -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# --- where the time goes: a profile of the training step ------------------------------------------------
+
+OP_GROUPS = {  # aten op name fragments -> group (first match wins), for the profile's summary
+    "attention": ("scaled_dot_product", "flash_attention", "_efficient_attention", "baddbmm", "bmm", "softmax"),
+    "convolution": ("convolution", "conv2d", "mkldnn_conv", "slow_conv", "conv_depthwise"),
+    "matmul (linear)": ("addmm", "aten::mm", "aten::matmul", "aten::linear"),
+    "normalisation": ("group_norm", "layer_norm", "batch_norm"),
+    "optimizer": ("_foreach", "adam", "lerp", "addcdiv", "addcmul"),
+    "copies / layout": ("copy_", "contiguous", "clone", "to_copy", "cat", "permute", "transpose", "reshape", "view",
+                        "empty", "zeros", "fill_", "as_strided", "expand", "unsqueeze", "stack", "slice", "select"),
+    "element-wise": ("add", "mul", "sub", "div", "silu", "gelu", "sigmoid", "neg", "pow", "sqrt", "rsqrt", "exp",
+                     "where", "threshold", "mean", "sum", "mse", "clamp", "norm", "sign", "abs", "tanh", "erf"),
+}
+
+
+def op_group(name: str) -> str:
+    low = name.lower()
+    for group, keys in OP_GROUPS.items():
+        if any(k in low for k in keys):
+            return group
+    return "other"
+
+
+def profile_step(cfg: Any, steps: int = 2, warmup: int = 1, top: int = 25) -> dict[str, Any]:
+    """``torch.profiler`` over ``steps`` training steps of ``cfg`` (the objective's forwards, the backward and
+    the optimizer step, as ``train`` takes them, after ``warmup`` steps): the top ops by self CPU time, the
+    self time by op group (``OP_GROUPS``), the seconds per step and the FLOPs per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ..objectives import build_objective
+    from ..training.batches import model_inputs
+    from ..training.setup import build_backbone, build_dataset, build_optimizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bb = build_backbone(cfg, device)
+    obj = build_objective(cfg.objective.name, **cfg.objective.model_dump(exclude={"name"}))
+    ds, collate, empty = build_dataset(cfg, bb, obj.data_kind)
+    opt = build_optimizer(cfg, bb.trainable_parameters())
+    batch = collate([ds[i] for i in range(cfg.train.batch_size)])
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)
+
+    def step() -> None:
+        inputs = model_inputs(batch, bb, cfg.data.prompt_dropout, empty)
+        with torch.autocast(device, dtype=amp, enabled=amp is not None):
+            with torch.no_grad():
+                obj.collect(inputs, bb)
+            loss, _ = obj.loss(inputs, bb)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(bb.trainable_parameters(), cfg.train.max_grad_norm or 1e9)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        step()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    t = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+    sec = (time.perf_counter() - t) / steps
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    rows = sorted(({"op": e.key, "self_cpu_ms_per_step": e.self_cpu_time_total / 1e3 / steps,
+                    "share": e.self_cpu_time_total / total, "calls_per_step": e.count / steps,
+                    "group": op_group(e.key)} for e in events), key=lambda r: -r["share"])
+    groups: dict[str, float] = {}
+    for r in rows:
+        groups[r["group"]] = groups.get(r["group"], 0.0) + r["share"]
+    return {"seconds_per_step": sec, "profiled_steps": steps, "top_ops": rows[:top],
+            "groups": dict(sorted(groups.items(), key=lambda kv: -kv[1])),
+            "ops_per_step": sum(e.count for e in events) / steps, "flops_per_step": count_step_flops(cfg)}
+
+
+def profile_table(res: dict[str, Any], top: int = 15) -> str:
+    lines = [f"{res['seconds_per_step']:.2f} s/step under the profiler, {res['ops_per_step']:.0f} ops/step, "
+             f"{res['flops_per_step'] / 1e9:.1f} GFLOP/step", "", "| op group | share of self CPU time |", "|---|---|"]
+    lines += [f"| {g} | {s:.1%} |" for g, s in res["groups"].items()]
+    lines += ["", "| op | group | self CPU ms/step | share | calls/step |", "|---|---|---|---|---|"]
+    lines += [f"| `{r['op']}` | {r['group']} | {r['self_cpu_ms_per_step']:.1f} | {r['share']:.1%} | "
+              f"{r['calls_per_step']:.0f} |" for r in res["top_ops"][:top]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,51 @@
+"""Where the time of a training step goes: torch.profiler's top ops by self CPU time and the share of each op
+group (diffalign.bench.speed.profile_step), for a model and switches as the speed bench takes them.
+
+    python scripts/profile_step.py --model arch:sd15 --resolution 128 --batch 1 --out docs/results/profile_sd15.json
+    python scripts/profile_step.py --model arch:sd15 --resolution 128 --batch 1 --switch bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> int:
+    from diffalign.bench import speed
+    from diffalign.data.synthetic import write_rendered_pairs
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="arch:sd15")
+    p.add_argument("--objective", default="dpo")
+    p.add_argument("--resolution", type=int, default=128)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--switch", default="", help="speed switches as `diffalign bench speed --switch` takes them")
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=None)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        case = speed.Case(model=a.model, objective=a.objective, batch_size=a.batch, resolution=a.resolution,
+                          switches=speed.switch_set(a.switch) if a.switch else {})
+        data = write_rendered_pairs(Path(tmp) / "pairs", n=max(8, a.batch), seed=0)
+        if case.switches.get("data.cache_dir") == "auto":
+            raise SystemExit("--switch cache: not profiled here (the bench measures it)")
+        res = speed.profile_step(speed._config(case, Path(tmp) / "run", data), a.steps, a.warmup)
+    res["case"], res["threads"] = case.name, a.threads
+    print(speed.profile_table(res))
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
