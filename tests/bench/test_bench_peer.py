@@ -1,0 +1,55 @@
+"""scripts/bench_peer.py: the pairs both contenders read, the equivalent settings, the timing source."""
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from diffalign.data.pairs import PreferencePairs
+
+ROOT = Path(__file__).resolve().parents[2]
+spec = importlib.util.spec_from_file_location("bench_peer", ROOT / "scripts" / "bench_peer.py")
+bench_peer = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench_peer)
+
+
+def _args(**kw):
+    a = dict(peer_script=Path("/x/train_diffusion_dpo.py"), resolution=32, batch=8, rank=4, beta=5000.0, lr=1e-5,
+             log_every=5, ours_fastest="cache")
+    a.update(kw)
+    return argparse.Namespace(**a)
+
+
+def test_pairs_are_pick_a_pic_parquet_that_both_read(tmp_path):
+    path = bench_peer.write_pairs(tmp_path / "data", n=6, size=32)
+    table = pq.read_table(path)
+    assert set(table.column_names) == {"caption", "label_0", "jpg_0", "jpg_1"}  # what the script's preprocess reads
+    assert str(table.schema.field("jpg_0").type) == "binary"
+    ds = PreferencePairs(str(path), resolution=32)
+    assert len(ds) == 6 and ds[0]["pixels_w"].shape == (3, 32, 32)
+
+
+def test_same_settings_and_the_equivalent_beta(tmp_path):
+    peer = bench_peer.peer_command(_args(), Path("/m"), tmp_path, tmp_path / "p", 25, fast=False)
+    flags = dict(zip(peer[2::2], peer[3::2], strict=False))
+    assert flags["--beta_dpo"] == "2500"  # ours is the beta/2 form
+    assert flags["--rank"] == "4" and flags["--train_batch_size"] == "8" and flags["--resolution"] == "32"
+    assert "--vae_encode_batch_size" not in flags
+    ours = bench_peer.ours_command(_args(), Path("/m"), tmp_path / "d.parquet", tmp_path / "o", 25, True,
+                                   tmp_path / "cache")
+    import yaml
+
+    cfg = yaml.safe_load(Path(ours[-1]).read_text())
+    assert cfg["objective"]["beta"] == 5000.0 and cfg["model"]["lora_rank"] == 4
+    assert cfg["data"]["prompt_dropout"] == 0.0 and cfg["data"]["cache_dir"] == str(tmp_path / "cache")
+
+
+def test_rate_comes_from_tensorboard_wall_times(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    w = SummaryWriter(str(tmp_path / "run" / "logs"))
+    for step, wall in [(5, 100.0), (10, 101.0), (25, 104.0)]:
+        w.add_scalar("loss", 0.5, step, walltime=wall)
+    w.close()
+    assert bench_peer.loss_walltimes(tmp_path / "run") == {5: 100.0, 10: 101.0, 25: 104.0}
