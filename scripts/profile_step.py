@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-profile", action="store_true", help="time only (no profiler overhead)")
+    p.add_argument("--peak", action="store_true", help="also measure the matmul peak (fp32, and bf16 when --switch bf16)")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -38,9 +40,16 @@ def main(argv: list[str] | None = None) -> int:
         data = write_rendered_pairs(Path(tmp) / "pairs", n=max(8, a.batch), seed=0)
         if case.switches.get("data.cache_dir") == "auto":
             raise SystemExit("--switch cache: not profiled here (the bench measures it)")
-        res = speed.profile_step(speed._config(case, Path(tmp) / "run", data), a.steps, a.warmup)
-    res["case"], res["threads"] = case.name, a.threads
-    print(speed.profile_table(res))
+        res = speed.profile_step(speed._config(case, Path(tmp) / "run", data), a.steps, a.warmup,
+                                 profile=not a.no_profile)
+    res["case"] = case.name
+    if a.peak:  # CPU time of the matmul too: the peak and the step are measured alike
+        for dtype in [torch.float32] + ([torch.bfloat16] if "bf16" in a.switch else []):
+            res[f"peak_{dtype}".replace("torch.", "")] = speed.matmul_peak("cpu", dtype, cpu_time=True)
+        peak = res["peak_float32"]["flops_per_s"]
+        res["utilisation_fp32_peak_cpu_time"] = res["flops_per_cpu_s"] / peak
+    print(speed.profile_table(res) if not a.no_profile else json.dumps(
+        {k: v for k, v in res.items() if k != "top_ops"}, indent=1))
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(res, indent=2))

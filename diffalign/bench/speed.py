@@ -69,9 +69,10 @@ class Case:
 
 
 def matmul_peak(device: str = "cpu", dtype: torch.dtype = torch.float32, n: int | None = None,
-                repeats: int = 7) -> dict[str, float]:
+                repeats: int = 7, cpu_time: bool = False) -> dict[str, float]:
     """FLOP/s of an ``n x n @ n x n`` matmul (2 n^3 FLOPs) on ``device``: median and range of ``repeats``
-    timed runs after a warm-up, at the current torch thread count."""
+    timed runs after a warm-up, at the current torch thread count. ``cpu_time``: per second of this
+    process's CPU time, not of the wall clock (on a shared CPU)."""
     n = n or (8192 if device.startswith("cuda") else 2048)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -79,11 +80,12 @@ def matmul_peak(device: str = "cpu", dtype: torch.dtype = torch.float32, n: int 
     a @ b
     sync()
     rates = []
+    clock = time.process_time if cpu_time else time.perf_counter
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = clock()
         a @ b
         sync()
-        rates.append(2 * n**3 / (time.perf_counter() - t))
+        rates.append(2 * n**3 / (clock() - t))
     return {"flops_per_s": statistics.median(rates), "min": min(rates), "max": max(rates), "n": n,
             "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads()}
 
@@ -411,12 +413,18 @@ def op_group(name: str) -> str:
     return "other"
 
 
-def profile_step(cfg: Any, steps: int = 2, warmup: int = 1, top: int = 25) -> dict[str, Any]:
+def profile_step(cfg: Any, steps: int = 2, warmup: int = 1, top: int = 25, profile: bool = True) -> dict[str, Any]:
     """``torch.profiler`` over ``steps`` training steps of ``cfg`` (the objective's forwards, the backward and
     the optimizer step, as ``train`` takes them, after ``warmup`` steps): the top ops by self CPU time, the
-    self time by op group (``OP_GROUPS``), the seconds per step and the FLOPs per step."""
-    from torch.profiler import ProfilerActivity, profile
+    self time by op group (``OP_GROUPS``), the seconds per step (wall and this process's CPU time: on a shared
+    machine the CPU time is what the step itself cost) and the FLOPs per step. ``profile=False``: the times
+    only, without the profiler's overhead."""
+    import contextlib
 
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    profile_ = profile
     from ..objectives import build_objective
     from ..training.batches import model_inputs
     from ..training.setup import build_backbone, build_dataset, build_optimizer
@@ -445,11 +453,16 @@ def profile_step(cfg: Any, steps: int = 2, warmup: int = 1, top: int = 25) -> di
     for _ in range(warmup):
         step()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    t = time.perf_counter()
-    with profile(activities=acts) as prof:
+    t, c = time.perf_counter(), time.process_time()
+    with profiler(activities=acts) if profile_ else contextlib.nullcontext() as prof:
         for _ in range(steps):
             step()
-    sec = (time.perf_counter() - t) / steps
+    sec, cpu = (time.perf_counter() - t) / steps, (time.process_time() - c) / steps
+    flops = count_step_flops(cfg)
+    timing = {"seconds_per_step": sec, "cpu_seconds_per_step": cpu, "profiled_steps": steps, "flops_per_step": flops,
+              "flops_per_cpu_s": flops / cpu, "threads": torch.get_num_threads()}
+    if not profile_:
+        return timing
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     rows = sorted(({"op": e.key, "self_cpu_ms_per_step": e.self_cpu_time_total / 1e3 / steps,
@@ -458,14 +471,13 @@ def profile_step(cfg: Any, steps: int = 2, warmup: int = 1, top: int = 25) -> di
     groups: dict[str, float] = {}
     for r in rows:
         groups[r["group"]] = groups.get(r["group"], 0.0) + r["share"]
-    return {"seconds_per_step": sec, "profiled_steps": steps, "top_ops": rows[:top],
-            "groups": dict(sorted(groups.items(), key=lambda kv: -kv[1])),
-            "ops_per_step": sum(e.count for e in events) / steps, "flops_per_step": count_step_flops(cfg)}
+    return {**timing, "top_ops": rows[:top], "groups": dict(sorted(groups.items(), key=lambda kv: -kv[1])),
+            "ops_per_step": sum(e.count for e in events) / steps}
 
 
 def profile_table(res: dict[str, Any], top: int = 15) -> str:
-    lines = [f"{res['seconds_per_step']:.2f} s/step under the profiler, {res['ops_per_step']:.0f} ops/step, "
-             f"{res['flops_per_step'] / 1e9:.1f} GFLOP/step", "", "| op group | share of self CPU time |", "|---|---|"]
+    lines = [f"{res['seconds_per_step']:.2f} s/step under the profiler ({res['cpu_seconds_per_step']:.2f} CPU-s), "
+             f"{res['ops_per_step']:.0f} ops/step, {res['flops_per_step'] / 1e9:.1f} GFLOP/step", "", "| op group | share of self CPU time |", "|---|---|"]
     lines += [f"| {g} | {s:.1%} |" for g, s in res["groups"].items()]
     lines += ["", "| op | group | self CPU ms/step | share | calls/step |", "|---|---|---|---|---|"]
     lines += [f"| `{r['op']}` | {r['group']} | {r['self_cpu_ms_per_step']:.1f} | {r['share']:.1%} | "
