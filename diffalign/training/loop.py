@@ -14,6 +14,9 @@ Reliability (docs/RELIABILITY.md):
   ``status="interrupted"`` (a second Ctrl-C aborts at once);
 - a non-finite loss or gradient skips the update (on every process alike) and is counted;
   ``train.max_nonfinite_steps`` in a row stop the run with :class:`NonFiniteError`;
+- no host sync per step where it can be avoided (one process, a LoRA, no EMA/DeepSpeed/fp16 scaling,
+  ``deferred_checks``): the skip is undone on the device (``guarded_step``) and counted at the next log
+  step, checkpoint or end, where the metrics are read too;
 - checkpoints are verified (SHA-256 manifest) on resume; a damaged one is set aside and the
   previous one used, with a warning naming both;
 - multi-process: every collective decision (skip, stop, which checkpoint) is agreed by all
