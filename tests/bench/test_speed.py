@@ -45,3 +45,24 @@ def test_one_training_case_runs_in_its_own_process():
                                         switches={"train.adam_impl": "fused"}))
     assert res["steps_per_s"] > 0 and len(res["windows"]) == 2
     assert res["flops_per_step"] > 0 and res["peak_rss_mb"] >= res["rss_after_import_mb"]
+
+
+def test_profile_step_says_where_the_time_goes(tmp_path):
+    from diffalign.data.synthetic import write_rendered_pairs
+
+    data = write_rendered_pairs(tmp_path / "pairs", n=8)
+    cfg = speed._config(speed.Case(batch_size=2, resolution=32), tmp_path / "run", data)
+    res = speed.profile_step(cfg, steps=1, warmup=0, top=5)
+    assert abs(sum(res["groups"].values()) - 1) < 1e-6
+    assert len(res["top_ops"]) == 5 and res["top_ops"][0]["share"] >= res["top_ops"][-1]["share"]
+    assert res["flops_per_step"] > 0 and 0 < res["cpu_seconds_per_step"] and res["flops_per_cpu_s"] > 0
+    assert "| op group |" in speed.profile_table(res)
+    assert speed.op_group("aten::mkldnn_convolution") == "convolution"
+    assert speed.op_group("aten::addmm") == "matmul (linear)"
+    timing = speed.profile_step(cfg, steps=1, warmup=0, profile=False)
+    assert "top_ops" not in timing and timing["cpu_seconds_per_step"] > 0
+
+
+def test_matmul_peak_in_cpu_time():
+    m = speed.matmul_peak(n=256, repeats=3, cpu_time=True)
+    assert m["flops_per_s"] > 0
