@@ -66,8 +66,8 @@ def write_pairs(out: Path, n: int, size: int, seed: int = 0) -> Path:
 
 
 def save_arch_pipeline(arch: str, out: Path) -> Path:
-    """The real ``arch`` architecture with random weights as a diffusers folder (both contenders load it);
-    the tokenizer also gets vocab.json/merges.txt for the script's slow ``AutoTokenizer(use_fast=False)``."""
+    """The real ``arch`` architecture with random weights as a diffusers folder (both contenders load it;
+    with transformers 5 the script's ``AutoTokenizer(use_fast=False)`` reads the saved tokenizer.json)."""
     from diffalign.backbones.arch import build_arch_pipeline
 
     if not (out / "model_index.json").exists():
