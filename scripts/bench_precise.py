@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--target", default=None, help="target metric of the report (default: --label)")
     ap.add_argument("--pair-prompts", type=int, default=1024)
     ap.add_argument("--k", type=int, default=4)
-    ap.add_argument("--objectives", default="dpo,mapo,inpo,dro")
+    ap.add_argument("--objectives", default="dpo,mapo,inpo,dro",
+                    help="comma-separated; NAME:N trains that objective with N seeds instead of --seeds")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch-size", type=int, default=16)
@@ -119,6 +120,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--curve-seed-runs", type=int, default=1, help="training seeds with curves (the first N)")
     ap.add_argument("--boot", type=int, default=2000)
     args = ap.parse_args(argv)
+    n_seeds: dict[str, int] = {}
+    for spec in (o for o in args.objectives.split(",") if o):
+        name, _, n = spec.partition(":")
+        if n and not (n.isdigit() and int(n) > 0):
+            ap.error(f"--objectives: {spec!r}: the seed count after ':' must be a positive integer")
+        n_seeds[name] = int(n) if n else args.seeds
     torch.set_num_threads(1)
 
     from diffalign.training import train
@@ -137,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"sampling pairs into {pairs_dir}", flush=True)
         make_pairs(_backbone(base, None), prompts("train", n=args.pair_prompts, seed=0), rs[args.label], pairs_dir,
                    k=args.k, seed=0)
-    objectives = [o for o in args.objectives.split(",") if o]
+    objectives = list(n_seeds)
     curves = [o for o in args.curve.split(",") if o]
     experts_best = out / "experts_best"
     if any(o == "dro" for o in objectives) and not (experts_best / "experts.jsonl").exists():
@@ -158,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for obj in objectives:
         kind = obj.removesuffix("_render")
         runs, seconds = [], []
-        for s in range(args.seeds):
+        for s in range(n_seeds[obj]):
             run_dir = out / f"{obj}_seed{s}"
             want_curve = obj in curves and s < args.curve_seed_runs
             data = pairs_dir / "pairs.jsonl"
@@ -185,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if want_curve:
                 curve_data.setdefault(obj, []).append(_curve(base, run_dir, out, obj, s, curve_proto, rs[target], target))
         results["objectives"][obj] = {
-            "lr": lr, "after": {m: sum(precise.means(r)[m] for r in runs) / len(runs) for m in base_scores},
+            "lr": lr, "seeds": n_seeds[obj], "after": {m: sum(precise.means(r)[m] for r in runs) / len(runs) for m in base_scores},
             "gains": precise.gains(base_scores, runs, n_boot=args.boot),
             "train_seconds": seconds,
         }
@@ -258,13 +265,15 @@ def table(results: dict[str, Any]) -> str:
     metrics = list(results["base"])
     p = results["protocol"]
     lines = [f"base `{results['base_dir']}`, pairs labelled by `{results['label']}`, {results['steps']} steps, "
-             f"{results['seeds']} training seeds; held-out {p['prompts']} prompts x {p['seeds']} seeds = "
+             f"{results['seeds']} training seeds unless the row says otherwise; held-out {p['prompts']} prompts x {p['seeds']} seeds = "
              f"{p['samples']} samples, same noise for every model. Gain: mean over seeds [95% paired bootstrap "
              "interval over samples] ±std over training seeds.", "",
              "| objective | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|",
              "| base (value) | " + " | ".join(f"{results['base'][m]:.3f}" for m in metrics) + " |"]
     for obj, r in results["objectives"].items():
-        lines.append(f"| {obj} | " + " | ".join(precise.fmt_gain(r["gains"][m]) for m in metrics) + " |")
+        seeds = r.get("seeds", results["seeds"])
+        name = obj if seeds == results["seeds"] else f"{obj} ({seeds} seeds)"
+        lines.append(f"| {name} | " + " | ".join(precise.fmt_gain(r["gains"][m]) for m in metrics) + " |")
     if "curves" in results:
         c = results["curves"]
         lines += ["", f"steps to reach {c['reference']}'s final level ({c['level']:.3f}):"]
