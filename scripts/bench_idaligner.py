@@ -209,12 +209,19 @@ def main() -> None:
     p.add_argument("--eval-n", type=int, default=32, help="samples per character")
     p.add_argument("--base", default=None)
     p.add_argument("--out", default="runs/bench_idaligner")
+    p.add_argument("--identity-net", default=None, help="toy identity network folder of the training reward and the "
+                   "adapter's input embedding (default: the shipped one, trained on all 270 identities)")
+    p.add_argument("--eval-identity-net", default=None, help="the network that scores the samples (default: "
+                   "--identity-net)")
     args = ARGS = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model_dir = find_base(args.base) / "sd"
-    reward = rewards.from_spec("toy_identity:1,toy_aesthetic:1")
-    encoder = load_image_encoder("toy_identity")
+    net = f"toy_identity={args.identity_net}" if args.identity_net else "toy_identity"
+    reward = rewards.from_spec(f"{net}:1,toy_aesthetic:1")
+    encoder = load_image_encoder(net)
+    eval_net = args.eval_identity_net or args.identity_net
+    judge = rewards.from_spec(f"toy_identity={eval_net}:1,toy_aesthetic:1") if eval_net else reward
     base = load_backbone(model_dir)
     for seed in [int(s) for s in args.seeds.split(",")]:
         for form in args.forms.split(","):
@@ -230,9 +237,9 @@ def main() -> None:
                 shown_b, shown_a = {}, {}
                 for name in args.lora_chars.split(","):
                     tuned = train_lora(args, model_dir, name, seed, reward, log)
-                    before = evaluate_chars(base, [name], portrait_prompt, lambda n: None, reward, args.eval_n,
+                    before = evaluate_chars(base, [name], portrait_prompt, lambda n: None, judge, args.eval_n,
                                             777 + seed, shown_b)
-                    after = evaluate_chars(tuned, [name], portrait_prompt, lambda n: None, reward, args.eval_n,
+                    after = evaluate_chars(tuned, [name], portrait_prompt, lambda n: None, judge, args.eval_n,
                                            777 + seed, shown_a)
                     res["chars"][name] = {"summary": summarize(before, after, seed),
                                           "before": {k: v.tolist() for k, v in before.items()},
@@ -243,10 +250,10 @@ def main() -> None:
                 res["splits"] = {}
                 for split, names in (("heldout", HELDOUT_CHARACTERS), ("train", TRAIN_CHARACTERS)):
                     shown_b, shown_a = {}, {}
-                    before = evaluate_chars(base, names, lambda n: "a portrait", lambda n: None, reward,
+                    before = evaluate_chars(base, names, lambda n: "a portrait", lambda n: None, judge,
                                             args.eval_n, 777 + seed, shown_b)
                     after = evaluate_chars(tuned, names, lambda n: "a portrait",
-                                           lambda n: encoder(reference_images(n, K, seed=0)), reward,
+                                           lambda n: encoder(reference_images(n, K, seed=0)), judge,
                                            args.eval_n, 777 + seed, shown_a)
                     save_rows(out / f"adapter_{split}_seed{seed}.png", names, shown_b, shown_a)
                     res["splits"][split] = {"summary": summarize(before, after, seed),

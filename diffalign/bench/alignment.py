@@ -31,16 +31,22 @@ OBJECTIVE_SETTINGS: dict[str, dict[str, Any]] = {
     "dro": {"objective": {"name": "dro", "margin": 0.001, "rollout_steps": 10, "buffer_size": 4}},
     # SePPO: DPO's beta; 10-step reference rollouts as DRO's; a checkpoint every 50 updates (8 in 400 steps)
     "seppo": {"objective": {"name": "seppo", "beta": 2000.0, "rollout_steps": 10, "snapshot_every": 50,
-                            "max_snapshots": 16}},
+                            "max_snapshots": 16, "criterion": "reference"}},
     # the same with the reference samples drawn as the data were (stock sampler, CFG 5)
     "seppo_cfg": {"objective": {"name": "seppo", "beta": 2000.0, "rollout_steps": 10, "snapshot_every": 50,
-                                "max_snapshots": 16, "guidance_scale": TOY_GUIDANCE}},
+                                "max_snapshots": 16, "guidance_scale": TOY_GUIDANCE, "criterion": "reference"}},
+    # the criterion ablation: the paper's anchor-based flipper, and checkpoint replay alone (always DPO)
+    "seppo_anchor": {"objective": {"name": "seppo", "beta": 2000.0, "rollout_steps": 10, "snapshot_every": 50,
+                                   "max_snapshots": 16, "criterion": "anchor"}},
+    "seppo_never": {"objective": {"name": "seppo", "beta": 2000.0, "rollout_steps": 10, "snapshot_every": 50,
+                                  "max_snapshots": 16, "criterion": "never"}},
 }
 
 
 # LoRA learning rates in the toy world: DPO's and InPO's from the DPO bench; MaPO's and DRO's from one
 # probe each after 1e-3 failed for them (docs/BENCHMARKS.md, "Offline objectives side by side").
-TOY_LR: dict[str, float] = {"dpo": 1e-3, "inpo": 1e-3, "mapo": 1e-4, "dro": 1e-3, "seppo": 1e-3, "seppo_cfg": 1e-3}
+TOY_LR: dict[str, float] = {"dpo": 1e-3, "inpo": 1e-3, "mapo": 1e-4, "dro": 1e-3, "seppo": 1e-3, "seppo_cfg": 1e-3,
+                         "seppo_anchor": 1e-3, "seppo_never": 1e-3}
 
 
 def run_config(base: str | Path, pairs: str | Path, out: str | Path, objective: str, seed: int, steps: int,
@@ -64,7 +70,7 @@ def run_config(base: str | Path, pairs: str | Path, out: str | Path, objective: 
     }
     for section, values in OBJECTIVE_SETTINGS[objective].items():
         raw.setdefault(section, {}).update(values)
-    if objective in ("dro", "seppo", "seppo_cfg"):  # winner-only objectives read expert images
+    if objective == "dro" or objective.startswith("seppo"):  # winner-only objectives read expert images
         raw["data"]["train"] = str(experts or Path(pairs).parent / "experts")
     return RunConfig.model_validate(raw)
 

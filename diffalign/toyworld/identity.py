@@ -167,14 +167,16 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 def train_identity_net(out: str | Path | None = None, steps: int = 1500, batch: int = 128, lr: float = 3e-3,
                        dim: int = 32, width: int = 16, scale: float = 16.0, margin: float = 0.2, seed: int = 0,
-                       progress: bool = True) -> IdentityNet:
-    """Train the identity embedding (CosFace over ``all_identities()``) and save it to ``out`` (if given)."""
+                       progress: bool = True, exclude: tuple[str, ...] = ()) -> IdentityNet:
+    """Train the identity embedding (CosFace over ``all_identities()``, less the head/body combinations of the
+    characters named in ``exclude``: identities the network never sees) and save it to ``out`` (if given)."""
     from tqdm import tqdm
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
-    classes = all_identities()
+    skip = {(character(n).head, character(n).body) for n in exclude}
+    classes = [c for c in all_identities() if c not in skip]
     scenes = [Scene((h, b), relation="above") for h, b in classes]
     net = IdentityNet(dim, width)
     proto = nn.Parameter(torch.randn(len(classes), dim) / math.sqrt(dim))
@@ -200,7 +202,8 @@ def train_identity_net(out: str | Path | None = None, steps: int = 1500, batch: 
         bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.3f}")
     net.eval().requires_grad_(False)
     if out is not None:
-        save_identity_net(net, out, {"classes": len(classes), "steps": steps, "seed": seed, "scale": scale,
+        save_identity_net(net, out, {"classes": len(classes), "excluded": list(exclude), "steps": steps, "seed": seed,
+                                     "scale": scale,
                                      "margin": margin, "train_accuracy_ema": round(acc, 4)})
     return net
 

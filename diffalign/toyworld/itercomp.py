@@ -123,13 +123,19 @@ def fuse_lora_into(model_dir: Path, lora_dir: Path, out: Path) -> Path:
     return out
 
 
+def eval_protocol(s: IterCompSettings) -> precise.Protocol:
+    return precise.Protocol(prompts=s.eval_prompts, seeds=s.eval_seeds, steps=s.sample_steps, guidance=s.guidance)
+
+
 def composition_scores(model_dir: Path, s: IterCompSettings, cache: Path) -> dict[str, torch.Tensor]:
-    """Per-sample oracle scores on the held-out protocol, with ``composition`` = mean of the three aspects."""
+    """Per-sample oracle scores on the held-out protocol, with ``composition`` = mean of the three aspects
+    (the images, uint8, are kept beside them: ``CACHE.images.pt``)."""
     import rewards
 
     def make() -> dict[str, torch.Tensor]:
-        proto = precise.Protocol(prompts=s.eval_prompts, seeds=s.eval_seeds, steps=s.sample_steps, guidance=s.guidance)
+        proto = eval_protocol(s)
         images = precise.sample_images(_load(model_dir), proto, progress=True, desc=f"evaluating {model_dir.name}")
+        _save_atomic((images.clamp(0, 1) * 255).round().to(torch.uint8), cache.with_name(cache.stem + ".images.pt"))
         caps = proto.captions()
         out = {o: rewards.load(o)(images, caps).float().cpu() for o in ORACLE_OF.values()}
         out["composition"] = sum(out[o] for o in ORACLE_OF.values()) / len(ORACLE_OF)
@@ -206,9 +212,9 @@ def _run_round(cfg: RunConfig, r: int, rd: Path, gallery: list[Path], prev_polic
                s: IterCompSettings, train: Any) -> None:
     logger.info("IterComp round %d: gallery %s", r, [g.name for g in gallery])
     rk = Rankings.from_state(_cached(rd / "rankings.pt", lambda: gallery_rankings(
-        gallery, train_caps, s, noise_seed=2 * r, desc=f"round {r} gallery").state_dict()))
+        gallery, train_caps, s, noise_seed=2 * r + 100 * s.seed, desc=f"round {r} gallery").state_dict()))
     ev = Rankings.from_state(_cached(rd / "eval_rankings.pt", lambda: gallery_rankings(
-        gallery, heldout_caps, s, noise_seed=2 * r + 1, desc=f"round {r} held-out gallery").state_dict()))
+        gallery, heldout_caps, s, noise_seed=2 * r + 1 + 100 * s.seed, desc=f"round {r} held-out gallery").state_dict()))
 
     # heads: refine the previous round's on this round's rankings (Bradley-Terry)
     heads_dir, acc_file = rd / "heads", rd / "heads_accuracy.json"
@@ -237,7 +243,7 @@ def _run_round(cfg: RunConfig, r: int, rd: Path, gallery: list[Path], prev_polic
         raw["model"]["path"] = str(prev_policy)
         raw["reward"]["train"] = f"toy_composition={heads_dir}"
         raw["train"]["output_dir"] = str(rd / "policy")
-        raw["train"]["seed"] = cfg.train.seed + r
+        raw["train"]["seed"] = cfg.train.seed + r + 1000 * s.seed
         result = train(RunConfig.model_validate(raw), resume="auto")
         if result.get("status") not in ("completed", "early_stopped"):
             raise RuntimeError(f"itercomp round {r}: policy training {result.get('status')}; rerun to resume")
@@ -245,10 +251,33 @@ def _run_round(cfg: RunConfig, r: int, rd: Path, gallery: list[Path], prev_polic
 
     scores = composition_scores(policy_model, s, rd / "eval.pt")
     gains = precise.gains(base_scores, [scores], n_boot=1000)
+    heads_gain = _heads_reward_gain(heads_dir, rd / "eval.images.pt", rd.parent / "base_eval.images.pt", s)
     res = {"round": r, "gallery": [str(g) for g in gallery], "heads_accuracy": acc,
            "policy": precise.means(scores),
-           "gain_vs_base": {k: {"mean": v["mean"], "low": v["low"], "high": v["high"]} for k, v in gains.items()}}
+           "gain_vs_base": {k: {"mean": v["mean"], "low": v["low"], "high": v["high"]} for k, v in gains.items()},
+           "heads_reward_gain": heads_gain}
     (rd / "round.json").write_text(json.dumps(res, indent=2))
+
+
+@torch.no_grad()
+def _heads_reward_gain(heads_dir: Path, policy_images: Path, base_images: Path, s: IterCompSettings) -> dict[str, Any] | None:
+    """The round's refined heads (the reward its policy was tuned on, mean of the heads) on the held-out
+    evaluation images of the policy and of the base (same noise): does the policy step climb its own
+    reward on held-out prompts? ``None`` when an image file is missing (runs from before they were kept)."""
+    if not (policy_images.exists() and base_images.exists()):
+        return None
+    from rewards.toy_composition import ToyCompositionReward
+
+    r = ToyCompositionReward(CompositionHeads.load(heads_dir))
+    caps = eval_protocol(s).captions()
+
+    def score(path: Path) -> torch.Tensor:
+        imgs = torch.load(path, weights_only=True).float() / 255
+        return torch.cat([r(imgs[i : i + 256], caps[i : i + 256]).float() for i in range(0, len(caps), 256)])
+
+    b, p = score(base_images), score(policy_images)
+    g = precise.gain(b, [p], n_boot=1000)
+    return {"base": float(b.mean()), "policy": float(p.mean()), "mean": g["mean"], "low": g["low"], "high": g["high"]}
 
 
 def table(report: dict[str, Any]) -> str:

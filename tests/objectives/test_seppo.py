@@ -20,45 +20,57 @@ from .conftest import FAMILIES, perturb_lora
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _errs():
-    # pair 0: policy fits the reference sample WORSE than its checkpoint (D_l = +0.02): a loser, DPO term
-    # pair 1: policy fits the reference sample BETTER than its checkpoint (D_l = -0.03): a winner, SFT-like
-    err = torch.tensor([0.50, 0.40, 0.62, 0.57])
+def _nls(z):
+    return math.log1p(math.exp(-z))  # -log sigmoid(z)
+
+
+def test_anchor_criterion_picks_the_dpo_term_and_the_sft_like_term_on_hand_made_cases():
+    # the paper's AAF: the sign comes from the policy's and the checkpoint's errors on the WINNER (anchor)
+    # pair 0: policy fits the winner BETTER than checkpoint j (D_w = -0.01): x^l is a loser, DPO term
+    # pair 1: checkpoint j fits the winner better (D_w = +0.02): x^l is taken as a winner, SFT-like term
+    err = torch.tensor([0.50, 0.44, 0.62, 0.57])
     err_ref = torch.tensor([0.51, 0.42, 0.60, 0.60])
-    return err, err_ref
-
-
-def test_criterion_picks_the_dpo_term_and_the_sft_like_term_on_hand_made_cases():
-    err, err_ref = _errs()
+    d_w, d_l = [-0.01, 0.02], [0.02, -0.03]
     beta = 100.0
     obj = SePPO(beta=beta)
+    assert obj.criterion == "anchor"
     loss, m = obj.seppo_loss(err, err_ref)
-    d_w, d_l = [-0.01, -0.02], [0.02, -0.03]
-
-    def nls(z):
-        return math.log1p(math.exp(-z))  # -log sigmoid(z)
-
-    dpo0 = nls(-beta / 2 * (d_w[0] - d_l[0]))  # DPO on pair 0
-    sft1 = nls(-beta / 2 * (d_w[1] + d_l[1]))  # SFT-like on pair 1
+    dpo0 = _nls(-beta / 2 * (d_w[0] - d_l[0]))  # DPO on pair 0
+    sft1 = _nls(-beta / 2 * (d_w[1] + d_l[1]))  # SFT-like on pair 1
     assert loss.item() == pytest.approx((dpo0 + sft1) / 2, rel=1e-5)
     assert m["sft_fraction"].item() == 0.5
-    # the SFT-like term pulls the reference sample's error DOWN; the DPO term pushes it UP
+    # the SFT-like term pulls the reference sample's error DOWN; the DPO term pushes it UP; both pull the
+    # winner's error down
     e = err.clone().requires_grad_(True)
     obj.seppo_loss(e, err_ref)[0].backward()
     assert e.grad[2] < 0 and e.grad[3] > 0 and e.grad[0] > 0 and e.grad[1] > 0
-    # the anchor reading compares with the winner's relative fit: D_l < D_w
-    d_w, d_l = torch.tensor(d_w), torch.tensor(d_l)
-    assert winning_mask(d_w, d_l, "anchor").tolist() == [False, True]
-    assert winning_mask(torch.tensor([-0.05]), torch.tensor([-0.03]), "anchor").tolist() == [False]
+    # the decision ignores x^l's own errors; a tie on the anchor is a loser
+    assert winning_mask(torch.tensor([0.02, 0.02]), torch.tensor([0.5, -0.5]), "anchor").tolist() == [True, True]
+    assert winning_mask(torch.tensor([0.0, -0.02]), torch.tensor([-0.5, 0.5]), "anchor").tolist() == [False, False]
+
+
+def test_reference_criterion_reads_the_reference_samples_own_fit():
+    # pair 0: policy fits x^l WORSE than its checkpoint (D_l = +0.02): a loser, DPO term
+    # pair 1: policy fits x^l BETTER than its checkpoint (D_l = -0.03): a winner, SFT-like
+    err = torch.tensor([0.50, 0.40, 0.62, 0.57])
+    err_ref = torch.tensor([0.51, 0.42, 0.60, 0.60])
+    beta = 100.0
+    loss, m = SePPO(beta=beta, criterion="reference").seppo_loss(err, err_ref)
+    d_w, d_l = [-0.01, -0.02], [0.02, -0.03]
+    assert loss.item() == pytest.approx((_nls(-beta / 2 * (d_w[0] - d_l[0])) + _nls(-beta / 2 * (d_w[1] + d_l[1]))) / 2,
+                                        rel=1e-5)
+    assert m["sft_fraction"].item() == 0.5
+    # here the anchor criterion takes both as losers (the policy fits both winners better)
+    assert SePPO(beta=beta).seppo_loss(err, err_ref)[1]["sft_fraction"].item() == 0.0
     assert winning_mask(torch.tensor([-0.05]), torch.tensor([-0.03]), "reference").tolist() == [True]
-    assert not winning_mask(d_w, d_l, "never").any()
+    assert not winning_mask(torch.tensor(d_w), torch.tensor(d_l), "never").any()
 
 
 def test_loss_equals_the_dpo_loss_when_every_reference_sample_is_a_loser():
     g = torch.Generator().manual_seed(0)
     err_ref = torch.rand(16, generator=g)
-    err = err_ref + torch.cat([torch.randn(8, generator=g) * 0.01, torch.rand(8, generator=g) * 0.01 + 1e-4])
-    for criterion in ("reference", "never"):  # all D_l > 0: no sample is flagged winning
+    err = err_ref + torch.cat([-(torch.rand(8, generator=g) * 0.01 + 1e-4), torch.rand(8, generator=g) * 0.01 + 1e-4])
+    for criterion in ("reference", "anchor", "never"):  # all D_l > 0, all D_w < 0: no sample is flagged winning
         loss, m = SePPO(beta=500.0, criterion=criterion).seppo_loss(err, err_ref)
         dpo, _ = DiffusionDPO(beta=500.0).preference_loss(err, err_ref)
         assert m["sft_fraction"].item() == 0.0

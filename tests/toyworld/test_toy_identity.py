@@ -75,6 +75,14 @@ def test_train_identity_net_saves_and_loads(tmp_path):
         load_identity_net(tmp_path)
 
 
+def test_train_identity_net_can_leave_characters_out(tmp_path):
+    import json
+
+    train_identity_net(tmp_path / "net", steps=1, batch=4, dim=8, width=4, progress=False, exclude=HELDOUT_CHARACTERS)
+    cfg = json.loads((tmp_path / "net" / "config.json").read_text())
+    assert cfg["classes"] == 270 - len(HELDOUT_CHARACTERS) and cfg["excluded"] == list(HELDOUT_CHARACTERS)
+
+
 def _png(images, folder, prefix):
     from torchvision.utils import save_image
 
