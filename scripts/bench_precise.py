@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["objectives"][obj] = {
             "lr": lr, "seeds": n_seeds[obj], "after": {m: sum(precise.means(r)[m] for r in runs) / len(runs) for m in base_scores},
             "gains": precise.gains(base_scores, runs, n_boot=args.boot),
+            "target_by_scene": by_scene(base_scores[target], [r[target] for r in runs], proto, args.boot),
             "train_seconds": seconds,
         }
         _write(out, results)
@@ -274,6 +275,10 @@ def table(results: dict[str, Any]) -> str:
         seeds = r.get("seeds", results["seeds"])
         name = obj if seeds == results["seeds"] else f"{obj} ({seeds} seeds)"
         lines.append(f"| {name} | " + " | ".join(precise.fmt_gain(r["gains"][m]) for m in metrics) + " |")
+    lines += ["", f"{results['target']} gain by scene (held-out samples of one-object / two-object prompts):"]
+    for obj, r in results["objectives"].items():
+        parts = [f"{k} (n={g['n']}): {precise.fmt_gain(g)}" for k, g in r.get("target_by_scene", {}).items()]
+        lines.append(f"- {obj}: " + "; ".join(parts))
     if "curves" in results:
         c = results["curves"]
         lines += ["", f"steps to reach {c['reference']}'s final level ({c['level']:.3f}):"]
@@ -282,6 +287,16 @@ def table(results: dict[str, Any]) -> str:
             lines.append(f"- {obj}: {r['steps']} [{r['low']:.0f}, {r['high']:.0f}], not reached in "
                          f"{r['never_fraction']:.0%} of resamples")
     return "\n".join(lines) + "\n"
+
+
+def by_scene(base: torch.Tensor, runs: list[torch.Tensor], proto: Protocol, n_boot: int) -> dict[str, Any]:
+    """The target's gain on the one-object and on the two-object held-out prompts apart (the protocol's
+    prompts are mostly two-object scenes, where the toy bases are weakest)."""
+    from diffalign.toyworld.shapes import parse_caption
+
+    n_obj = torch.tensor([len(parse_caption(c).objects) for c in proto.captions()])
+    return {f"{k} object{'s' * (k > 1)}": precise.gain(base[n_obj == k], [r[n_obj == k] for r in runs], n_boot=n_boot)
+            for k in (1, 2) if bool((n_obj == k).any())}
 
 
 def _write(out: Path, results: dict[str, Any]) -> None:
