@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--curve-seeds", type=int, default=4)
     ap.add_argument("--curve-seed-runs", type=int, default=1, help="training seeds with curves (the first N)")
     ap.add_argument("--boot", type=int, default=2000)
+    ap.add_argument("--compare", default="", help="A:B,... paired differences A - B of the seed-averaged models "
+                    "on the same samples (default: every X_render against X when both ran)")
     args = ap.parse_args(argv)
     n_seeds: dict[str, int] = {}
     for spec in (o for o in args.objectives.split(",") if o):
@@ -162,6 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "base": precise.means(base_scores), "objectives": {},
     }
     curve_data: dict[str, list[tuple[list[int], torch.Tensor]]] = {}
+    seed_scores: dict[str, list[dict[str, torch.Tensor]]] = {}
     for obj in objectives:
         kind = obj.removesuffix("_render")
         runs, seconds = [], []
@@ -191,6 +194,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 _backbone(base, lora), proto, rs, progress=True, desc=f"{obj} seed {s}")))
             if want_curve:
                 curve_data.setdefault(obj, []).append(_curve(base, run_dir, out, obj, s, curve_proto, rs[target], target))
+        seed_scores[obj] = runs
         results["objectives"][obj] = {
             "lr": lr, "seeds": n_seeds[obj], "after": {m: sum(precise.means(r)[m] for r in runs) / len(runs) for m in base_scores},
             "gains": precise.gains(base_scores, runs, n_boot=args.boot),
@@ -198,6 +202,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "train_seconds": seconds,
         }
         _write(out, results)
+    compare = [tuple(c.split(":")) for c in args.compare.split(",") if c] or [
+        (o, o.removesuffix("_render")) for o in objectives if o.endswith("_render") and o.removesuffix("_render") in objectives]
+    for a, b in compare:
+        if a not in seed_scores or b not in seed_scores:
+            raise SystemExit(f"--compare {a}:{b}: both must be among --objectives ({', '.join(objectives)})")
+        results.setdefault("compare", {})[f"{a} - {b}"] = {
+            m: precise.gain(_mean_scores(seed_scores[b], m), [_mean_scores(seed_scores[a], m)], n_boot=args.boot)
+            for m in (target, "toy_oracle")}
     if curves:
         results["curves"] = _curve_report(curve_data, curves[0], args.boot)
         _plot_curves(results["curves"], out / "curves.png", target)
@@ -279,6 +291,8 @@ def table(results: dict[str, Any]) -> str:
     for obj, r in results["objectives"].items():
         parts = [f"{k} (n={g['n']}): {precise.fmt_gain(g)}" for k, g in r.get("target_by_scene", {}).items()]
         lines.append(f"- {obj}: " + "; ".join(parts))
+    for name, g in results.get("compare", {}).items():
+        lines.append(f"- paired, {name}: " + "; ".join(f"{m} {precise.fmt_gain(v)}" for m, v in g.items()))
     if "curves" in results:
         c = results["curves"]
         lines += ["", f"steps to reach {c['reference']}'s final level ({c['level']:.3f}):"]
@@ -287,6 +301,10 @@ def table(results: dict[str, Any]) -> str:
             lines.append(f"- {obj}: {r['steps']} [{r['low']:.0f}, {r['high']:.0f}], not reached in "
                          f"{r['never_fraction']:.0%} of resamples")
     return "\n".join(lines) + "\n"
+
+
+def _mean_scores(runs: list[dict[str, torch.Tensor]], metric: str) -> torch.Tensor:
+    return torch.stack([r[metric].double() for r in runs]).mean(0)
 
 
 def by_scene(base: torch.Tensor, runs: list[torch.Tensor], proto: Protocol, n_boot: int) -> dict[str, Any]:
