@@ -128,6 +128,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if n and not (n.isdigit() and int(n) > 0):
             ap.error(f"--objectives: {spec!r}: the seed count after ':' must be a positive integer")
         n_seeds[name] = int(n) if n else args.seeds
+    compare: list[tuple[str, str]] = []
+    for spec in (c for c in args.compare.split(",") if c):
+        a, sep, b = spec.partition(":")
+        if not sep or a not in n_seeds or b not in n_seeds:
+            ap.error(f"--compare: {spec!r} must be A:B with A and B among --objectives ({', '.join(n_seeds)})")
+        compare.append((a, b))
+    compare = compare or [(o, o.removesuffix("_render")) for o in n_seeds
+                          if o.endswith("_render") and o.removesuffix("_render") in n_seeds]
     torch.set_num_threads(1)
 
     from diffalign.training import train
@@ -202,11 +210,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "train_seconds": seconds,
         }
         _write(out, results)
-    compare = [tuple(c.split(":")) for c in args.compare.split(",") if c] or [
-        (o, o.removesuffix("_render")) for o in objectives if o.endswith("_render") and o.removesuffix("_render") in objectives]
     for a, b in compare:
-        if a not in seed_scores or b not in seed_scores:
-            raise SystemExit(f"--compare {a}:{b}: both must be among --objectives ({', '.join(objectives)})")
         results.setdefault("compare", {})[f"{a} - {b}"] = {
             m: precise.gain(_mean_scores(seed_scores[b], m), [_mean_scores(seed_scores[a], m)], n_boot=args.boot)
             for m in (target, "toy_oracle")}

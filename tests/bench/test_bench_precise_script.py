@@ -31,3 +31,12 @@ def test_a_bad_seed_count_is_refused_before_any_work(tmp_path, capsys):
         bench_precise.main(["--base", str(tmp_path / "none"), "--out", str(tmp_path / "out"), "--objectives", "dpo:x"])
     assert "'dpo:x'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("spec", ["dpo", "dpo:mapo", "dpo:inpo:x"])
+def test_a_bad_compare_is_refused_before_any_work(tmp_path, capsys, spec):
+    with pytest.raises(SystemExit):
+        bench_precise.main(["--base", str(tmp_path / "none"), "--out", str(tmp_path / "out"),
+                            "--objectives", "dpo,inpo", "--compare", spec])
+    assert "--compare" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
