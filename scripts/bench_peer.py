@@ -213,6 +213,16 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if not a.peer_script.is_file():
         p.error(f"--peer-script {a.peer_script}: no such file")
+    for flag, v, lo in (("--pairs", a.pairs, 1), ("--resolution", a.resolution, 8), ("--batch", a.batch, 1),
+                        ("--rank", a.rank, 1), ("--steps", a.steps, 1), ("--warmup", a.warmup, 0),
+                        ("--log-every", a.log_every, 1), ("--repeats", a.repeats, 1), ("--threads", a.threads, 1)):
+        if v < lo:
+            p.error(f"{flag} must be at least {lo}, got {v}")
+    if a.warmup >= a.steps:
+        p.error(f"--warmup ({a.warmup}) must be below --steps ({a.steps}): the rate is taken after the warm-up")
+    bad = [s for s in a.settings.split(",") if s not in ("same", "fastest")] or not a.settings.strip(",")
+    if bad:
+        p.error(f"--settings {a.settings!r}: give same, fastest or same,fastest")
     if (a.steps - a.warmup) % a.log_every or a.warmup % a.log_every:
         p.error("--warmup and --steps must be multiples of --log-every (our loss is logged every --log-every steps)")
     work = Path(a.work or tempfile.mkdtemp(prefix="bench_peer_"))

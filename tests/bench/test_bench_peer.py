@@ -5,6 +5,7 @@ import importlib.util
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from diffalign.data.pairs import PreferencePairs
 
@@ -53,3 +54,14 @@ def test_rate_comes_from_tensorboard_wall_times(tmp_path):
         w.add_scalar("loss", 0.5, step, walltime=wall)
     w.close()
     assert bench_peer.loss_walltimes(tmp_path / "run") == {5: 100.0, 10: 101.0, 25: 104.0}
+
+
+@pytest.mark.parametrize("extra, flag", [(["--settings", "fast"], "--settings"), (["--log-every", "0"], "--log-every"),
+                                         (["--warmup", "25"], "--warmup"), (["--repeats", "0"], "--repeats")])
+def test_bad_flags_are_errors_naming_them(tmp_path, capsys, extra, flag):
+    script = tmp_path / "train_diffusion_dpo.py"
+    script.write_text("")
+    with pytest.raises(SystemExit):
+        bench_peer.main(["--peer-script", str(script), "--work", str(tmp_path / "work"), *extra])
+    assert flag in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
