@@ -237,6 +237,11 @@ def _select_experts(args: argparse.Namespace, _: list[str]) -> int:
 def _demo(args: argparse.Namespace, _: list[str]) -> int:
     from .demo import run_demo
 
+    for flag in ("pair_prompts", "k", "steps", "eval_prompts", "online_steps", "checkpoint_every"):
+        low = 0 if flag == "online_steps" else 1
+        if getattr(args, flag) < low:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least {low} (got {getattr(args, flag)})")
+
     return run_demo(args)
 
 
@@ -630,6 +635,8 @@ def _add_demo_parser(sub: Any) -> None:
     d.add_argument("--steps", type=int, default=400)
     d.add_argument("--eval-prompts", type=int, default=96)
     d.add_argument("--checkpoint-every", type=int, default=100)
+    d.add_argument("--online-steps", type=int, default=350,
+                   help="DiffusionNFT steps on the target reward after DPO (0: skip the online run)")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=_demo)
 

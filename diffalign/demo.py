@@ -3,10 +3,14 @@
 1. loads the toy SD base (built by `diffalign toyworld build`, or the copy shipped in the package);
 2. samples k images per training prompt from it and labels best-vs-worst pairs with the target reward;
 3. fine-tunes a LoRA with Diffusion-DPO on those pairs;
-4. scores base and tuned models on held-out prompts (target reward, every oracle, the aesthetic proxy,
-   diversity) and prints the before/after table;
-5. writes under runs/demo/: grid.png (before | after, same noise), reward_curve.png (held-out target
-   metric at each checkpoint), summary.json {"target_metric", "before", "after", "how_to_read"}.
+4. fine-tunes a second LoRA online with DiffusionNFT, the target reward scoring its own rollouts
+   (``--online-steps``; 0 skips it): in the toy world its held-out gain is several times DPO's
+   (docs/BENCHMARKS.md, "Online RL with the precise protocol");
+5. scores the base and the tuned models on held-out prompts (target reward, every oracle, the aesthetic
+   proxy, diversity) and prints the table;
+6. writes under runs/demo/: grid.png (base | DPO | NFT, same noise), reward_curve.png (held-out target
+   metric at each checkpoint of each run), summary.json {"target_metric", "before", "after", "online",
+   "how_to_read"} ("after": DPO; "online": NFT's objective, steps and scores).
 
 The three measure different things, and the "how_to_read" line (printed too) says how: the table is
 the mean over every held-out prompt x 2 seeds; the curve is the first 32 prompts x 1 seed, so it is
@@ -31,7 +35,7 @@ def run_demo(args: argparse.Namespace) -> int:
     import rewards
 
     from .backbones import load_backbone
-    from .bench.alignment import evaluate_model, plot_curve, reward_curve, run_config
+    from .bench.alignment import evaluate_model, online_run_config, reward_curve, run_config
     from .bench.experiment import ORACLES, TOY_GUIDANCE, load_rewards
     from .toyworld import shapes
     from .toyworld.bases import DEFAULT_BASE, find_base
@@ -65,45 +69,89 @@ def run_demo(args: argparse.Namespace) -> int:
                      checkpoint_every=args.checkpoint_every)
     res = train(cfg, resume="auto") if not (run_dir / "final" / "lora").exists() else {"weights": str(run_dir / "final" / "lora")}
 
+    nft_dir, nft_weights = out / "nft", None
+    if args.online_steps > 0:
+        print(f"\nDiffusionNFT, online: {args.online_steps} steps; the policy samples 8 train prompts x 4 images, "
+              f"{args.target} scores them, the LoRA learns from its own best and worst")
+        ocfg = online_run_config(model, nft_dir, "nft", seed=args.seed, steps=args.online_steps, reward=args.target,
+                                 checkpoint_every=max(1, args.online_steps // 4))
+        nft_weights = (train(ocfg, resume="auto")["weights"] if not (nft_dir / "final" / "lora").exists()
+                       else str(nft_dir / "final" / "lora"))
+
     names = list(ORACLES) + ["toy_aesthetic"]
     rs = load_rewards(names)
     prompts = shapes.eval_prompts(args.eval_prompts, seed=1)
     before, imgs_b = evaluate_model(model, None, prompts, rs, seeds=2, steps=20, guidance=TOY_GUIDANCE)
     after, imgs_a = evaluate_model(model, res["weights"], prompts, rs, seeds=2, steps=20, guidance=TOY_GUIDANCE)
+    columns, titles = [before, after], ["base", "DPO"]
+    if nft_weights:
+        online, imgs_o = evaluate_model(model, nft_weights, prompts, rs, seeds=2, steps=20, guidance=TOY_GUIDANCE)
+        columns.append(online)
+        titles.append("NFT")
 
     print(f"\nheld-out prompts: {len(prompts)} x 2 seeds; target metric: {args.target}")
-    print(f"{'metric':<16}{'before':>10}{'after':>10}{'change':>10}")
+    print(f"{'metric':<16}" + "".join(f"{t:>10}" for t in titles) + "".join(f"{t + ' gain':>11}" for t in titles[1:]))
     for m in before:
         flag = "  <- target" if m == args.target else ""
-        print(f"{m:<16}{before[m]:>10.3f}{after[m]:>10.3f}{after[m] - before[m]:>+10.3f}{flag}")
+        print(f"{m:<16}" + "".join(f"{c[m]:>10.3f}" for c in columns)
+              + "".join(f"{c[m] - before[m]:>+11.3f}" for c in columns[1:]) + flag)
 
-    n = 8  # 8 prompts, first seed: before | after side by side, same starting noise
+    n = 8  # 8 prompts, first seed: base | DPO (| NFT) side by side, same starting noise
     idx = torch.arange(n) * 2
-    grid = torch.stack([imgs_b[idx], imgs_a[idx]], 1).flatten(0, 1)
-    save_grid(grid, out / "grid.png", nrow=4, upscale=4)
+    shown = [imgs_b[idx], imgs_a[idx]] + ([imgs_o[idx]] if nft_weights else [])
+    grid = torch.stack(shown, 1).flatten(0, 1)
+    save_grid(grid, out / "grid.png", nrow=2 * len(shown), upscale=4)
     (out / "grid_prompts.txt").write_text("\n".join(prompts[:n]) + "\n")
-    curve = reward_curve(model, run_dir, prompts[:32], {args.target: rs[args.target]}, steps=20, guidance=TOY_GUIDANCE)
-    plot_curve(curve, [args.target], out / "reward_curve.png", f"DPO in the toy world: held-out {args.target}")
+    curves = {"DPO": reward_curve(model, run_dir, prompts[:32], {args.target: rs[args.target]}, steps=20,
+                                  guidance=TOY_GUIDANCE)}
+    if nft_weights:
+        curves["NFT"] = reward_curve(model, nft_dir, prompts[:32], {args.target: rs[args.target]}, steps=20,
+                                     guidance=TOY_GUIDANCE)
+    plot_curves(curves, args.target, out / "reward_curve.png")
     pixel_diff = float((imgs_a[idx] - imgs_b[idx]).abs().mean()) * 255
     note = how_to_read(args.target, len(prompts), min(32, len(prompts)), before[args.target], after[args.target],
-                       pixel_diff)
+                       pixel_diff, online[args.target] if nft_weights else None)
     print("\n" + note)
-    summary = {"target_metric": args.target, "before": before, "after": after, "how_to_read": note}
+    summary = {"target_metric": args.target, "before": before, "after": after,
+               "online": {"objective": "nft", "steps": args.online_steps, "after": online} if nft_weights else None,
+               "how_to_read": note}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"\ngrid (pairs of columns: before | after): {out / 'grid.png'}")
+    print(f"\ngrid (groups of columns: {' | '.join(titles)}): {out / 'grid.png'}")
     print(f"reward curve: {out / 'reward_curve.png'}\nsummary: {out / 'summary.json'}")
     print(f"demo wall time: {time.time() - t_start:.0f} s")
     return 0
 
 
-def how_to_read(target: str, n_prompts: int, n_curve: int, before: float, after: float, pixel_diff: float) -> str:
+def plot_curves(curves: dict[str, list[dict[str, float]]], target: str, path: Path) -> None:
+    """Held-out ``target`` against the training step, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name, points in curves.items():
+        ax.plot([p["step"] for p in points], [p[target] for p in points], marker="o", label=name)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(f"held-out {target} (32 prompts x 1 seed)")
+    ax.set_title(f"The toy world: held-out {target} during training")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def how_to_read(target: str, n_prompts: int, n_curve: int, before: float, after: float, pixel_diff: float,
+                online: float | None = None) -> str:
     """What the table, the curve and the grid each measure, and why they differ."""
+    nft = f", NFT {before:.3f} -> {online:.3f}" if online is not None else ""
     return (
         f"How to read these: the table is the mean {target} over {n_prompts} held-out prompts x 2 seeds "
-        f"({2 * n_prompts} images): {before:.3f} -> {after:.3f}. The reward curve scores the first {n_curve} prompts x "
-        f"1 seed at each checkpoint, so one image moves it by up to 1/{n_curve} = {1 / n_curve:.3f}: it is noisier and can end near its start while "
-        "the table shows the gain. The grid pairs each before image with the after image from the same starting "
-        f"noise; the LoRA changes a sample only a little (mean pixel difference {pixel_diff:.1f} of 255 here), so "
-        "most pairs look alike, and the gain is in the few images whose shape or colour becomes right."
+        f"({2 * n_prompts} images): DPO {before:.3f} -> {after:.3f}{nft}. The reward curve scores the first {n_curve} "
+        f"prompts x 1 seed at each checkpoint, so one image moves it by up to 1/{n_curve} = {1 / n_curve:.3f}: it is "
+        "noisier and can end near its start while the table shows the gain. The grid puts each base image beside "
+        f"the tuned models' images from the same starting noise; DPO's LoRA changes a sample only a little (mean "
+        f"pixel difference {pixel_diff:.1f} of 255 here), so most of its images look like the base's, and the gain "
+        "is in the few whose shape or colour becomes right."
     )
-

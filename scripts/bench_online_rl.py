@@ -1,15 +1,26 @@
-"""Online RL in the toy world: DiffusionNFT / Flow-GRPO / DDPO from a toy base, reward = toy_shape,
-scored on held-out prompts before and after with the SAME starting noise (paired), 1 torch thread.
+"""Online RL in the toy world: DiffusionNFT / Flow-GRPO / DDPO from a toy base, trained on any toy reward,
+scored on held-out prompts with the precise protocol (the same samples as ``scripts/bench_precise.py``), 1 thread.
 
-    python scripts/bench_online_rl.py --base sd --method nft --seeds 0,1,2 --minutes 8 --out runs/online_rl
+    OMP_NUM_THREADS=1 python scripts/bench_online_rl.py --base sd --method nft --seeds 0,1,2 --minutes 8 \\
+        --curve-every-min 1 --out runs/online_rl
 
-Each run trains a rank-8 LoRA with AdamW for a CPU-time budget (or ``--updates``), one optimizer update per
-``loss`` call (the objective's rollout refills its buffer when it empties), on train-split prompts drawn
-by seed; then samples ``--eval-prompts`` x ``--eval-seeds`` held-out images (20 steps, CFG 5, the toy
-bases' sampler) for the base and the tuned LoRA from identical noise and reports the mean of each oracle
-with a paired bootstrap 95% interval of the difference. Results: ``OUT/results.jsonl`` (one line per run)
-and a table on stdout. The objective is driven directly (not through ``train()``), so the numbers
-measure the method, not the loop.
+Each run trains a rank-8 LoRA with AdamW for a budget of CPU minutes of this process (``time.process_time``,
+one thread: the same work on a loaded or an idle machine) or ``--updates``, one optimizer update per ``loss``
+call (the objective's rollout refills its buffer when it empties), on train-split prompts drawn by seed
+(``--two-object``: the fraction of two-object scenes; the held-out protocol is 79% two-object).
+
+Evaluation (``diffalign.bench.precise``): ``--eval-prompts`` x ``--eval-seeds`` held-out samples (default
+256 x 4 = 1024), base and tuned from the same starting noise, a paired bootstrap 95% interval of every
+oracle's difference, the target's gain split by one- and two-object prompts. ``--curve-every-min M`` also
+scores the curve protocol (default 64 x 4 = 256 samples, the one ``bench_precise`` uses for DPO's curve)
+every M CPU minutes of training; evaluation CPU is not counted in the training budget. ``--reward`` picks the
+training reward (``toy_shape`` by default; ``toy_aesthetic`` for a learned proxy): the curves then show the
+proxy beside the oracles ("gold"). ``--early-stop-drop D`` stops a run when ``--gold`` falls more than D below
+its best curve point (the rule of the loop's ``reward.early_stop_on_gold_drop``) and evaluates the best point.
+
+Per run: ``OUT/<method>_seed<S>/`` holds the LoRA (``lora/``), the per-sample scores (``scores.pt``) and the
+curve; ``OUT/results.jsonl`` gets one line per run and a table goes to stdout. The objective is driven
+directly (not through ``train()``), so the numbers measure the method, not the loop.
 """
 
 from __future__ import annotations
@@ -24,7 +35,7 @@ import torch
 ORACLES = ("toy_shape", "toy_color", "toy_position", "toy_oracle", "toy_aesthetic")
 
 
-def build_objective(method: str, base: str, args: argparse.Namespace):
+def build_objective(method: str, args: argparse.Namespace):
     from diffalign.objectives.nft import DiffusionNFT
     from diffalign.objectives.policy_gradient import DDPO, FlowGRPO
 
@@ -41,42 +52,51 @@ def build_objective(method: str, base: str, args: argparse.Namespace):
     raise ValueError(method)
 
 
-def paired_bootstrap(a: torch.Tensor, b: torch.Tensor, seed: int = 0) -> tuple[float, float, float]:
-    """Mean of b - a and its 95% percentile interval (diffalign.bench.stats, 2000 resamples of the pairs)."""
-    from diffalign.bench.stats import paired_bootstrap as boot
+def scores_of(bb, proto, rs: dict, path: Path, desc: str) -> dict[str, torch.Tensor]:
+    from diffalign.bench import precise
 
-    iv = boot(a, b, n_boot=2000, level=0.95, seed=seed)
-    return float(iv.mean), float(iv.low), float(iv.high)
-
-
-@torch.no_grad()
-def score(bb, prompts: list[str], seeds: int, rs: dict) -> dict[str, torch.Tensor]:
-    from diffalign.bench.experiment import score_all
-    from diffalign.toyworld.pairs import sample_images
-
-    expanded = [p for p in prompts for _ in range(seeds)]
-    imgs = sample_images(bb, expanded, seed=1234, steps=20, guidance_scale=5.0, progress=False)
-    return score_all(rs, imgs, expanded)
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    s = precise.sample_scores(bb, proto, rs, desc=desc)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(s, path)
+    return s
 
 
-def run(args: argparse.Namespace, seed: int, rs: dict, base_scores: dict | None) -> dict:
+def run(args: argparse.Namespace, seed: int, rs: dict, base: dict, base_curve: dict | None) -> dict:
     from diffalign.backbones import load_backbone
-    from diffalign.backbones.lora import add_lora
+    from diffalign.backbones.lora import add_lora, save_lora
+    from diffalign.bench import precise
     from diffalign.toyworld import shapes
 
-    base_dir = Path(args.base_dir) / args.base
+    run_dir = Path(args.out) / f"{args.method}_seed{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    bb = load_backbone(base_dir)
+    bb = load_backbone(Path(args.base_dir) / args.base)
     add_lora(bb, rank=8)
-    obj = build_objective(args.method, args.base, args)
-    obj.setup(bb, reward=rs["toy_shape"])
+    obj = build_objective(args.method, args)
+    obj.setup(bb, reward=rs[args.reward])
     params = bb.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
-    pool = shapes.prompts("train", n=args.train_prompts, seed=seed)
+    pool = shapes.prompt_mix("train", args.train_prompts, args.two_object, seed)
     g = torch.Generator().manual_seed(seed)
-    t0, c0 = time.time(), time.process_time()
-    curve, step = [], 0
-    while (args.updates and step < args.updates) or (not args.updates and time.process_time() - c0 < args.minutes * 60):
+    proto = precise.Protocol(prompts=args.eval_prompts, seeds=args.eval_seeds)
+    curve_proto = precise.Protocol(prompts=args.curve_prompts, seeds=args.curve_seeds)
+    curve_metrics = sorted({args.target, args.reward, args.gold, "toy_oracle"})
+    t0, cpu, eval_cpu = time.time(), 0.0, 0.0
+    rewards_log, curve, step = [], [], 0
+    best: tuple[float, int, dict] | None = None
+    stopped = False
+    next_curve = args.curve_every_min
+    if base_curve is not None:
+        curve.append({"step": 0, "cpu_min": 0.0, **{m: float(base_curve[m].mean()) for m in curve_metrics}})
+        best = (curve[0][args.gold], 0, {})
+    c0 = time.process_time()
+
+    def budget_left() -> bool:
+        return (step < args.updates) if args.updates else (cpu < args.minutes * 60)
+
+    while budget_left():
         idx = torch.randint(len(pool), (args.batch,), generator=g).tolist()
         prompts = [pool[i] for i in idx]
         loss, m = obj.loss({"prompts": prompts, "cond": bb.encode_prompts(prompts)}, bb)
@@ -86,34 +106,81 @@ def run(args: argparse.Namespace, seed: int, rs: dict, base_scores: dict | None)
         opt.step()
         obj.on_update(bb)
         step += 1
+        cpu = time.process_time() - c0 - eval_cpu
         if "reward_mean" in m:
-            cpu = time.process_time() - c0
-            curve.append({"step": step, "cpu_s": round(cpu, 1), "reward": round(float(m["reward_mean"]), 4)})
-            print(f"seed {seed} step {step} cpu {cpu:.0f}s wall {time.time() - t0:.0f}s train reward "
-                  f"{float(m['reward_mean']):.3f}", flush=True)
-    train_s, wall_s = time.process_time() - c0, time.time() - t0
-    eval_prompts = shapes.eval_prompts(args.eval_prompts, seed=1)
-    tuned = score(bb, eval_prompts, args.eval_seeds, rs)
-    out = {"method": args.method, "base": args.base, "seed": seed, "updates": step, "rollouts": obj.rollouts,
-           "train_cpu_min": round(train_s / 60, 2), "train_wall_min": round(wall_s / 60, 2), "curve": curve, "n_eval": len(tuned["toy_shape"])}
-    for k in rs:
-        mean, lo, hi = paired_bootstrap(base_scores[k], tuned[k], seed=seed)
-        out[k] = {"base": round(float(base_scores[k].mean()), 4), "tuned": round(float(tuned[k].mean()), 4),
-                  "diff": round(mean, 4), "ci95": [round(lo, 4), round(hi, 4)]}
-    out["shape_gain_per_cpu_min"] = round(out["toy_shape"]["diff"] / max(train_s / 60, 1e-9), 4)
+            rewards_log.append({"step": step, "cpu_s": round(cpu, 1), "reward": round(float(m["reward_mean"]), 4)})
+            if len(rewards_log) % 10 == 0:
+                recent = sum(r["reward"] for r in rewards_log[-10:]) / 10
+                print(f"seed {seed} step {step} cpu {cpu:.0f}s wall {time.time() - t0:.0f}s train reward "
+                      f"(last 10 rollouts) {recent:.3f}", flush=True)
+        if base_curve is not None and cpu >= next_curve * 60:
+            e0 = time.process_time()
+            sc = precise.sample_scores(bb, curve_proto, {k: rs[k] for k in curve_metrics})
+            point = {"step": step, "cpu_min": round(cpu / 60, 3), **{k: float(sc[k].mean()) for k in curve_metrics}}
+            curve.append(point)
+            print(f"seed {seed} curve {point}", flush=True)
+            if point[args.gold] > best[0]:
+                best = (point[args.gold], step, _lora_copy(bb))
+            elif args.early_stop_drop is not None and point[args.gold] < best[0] - args.early_stop_drop:
+                print(f"seed {seed}: early stop at step {step}: {args.gold} {point[args.gold]:.3f} fell more than "
+                      f"{args.early_stop_drop} below its best {best[0]:.3f} (step {best[1]}); evaluating the best",
+                      flush=True)
+                stopped = True
+            next_curve += args.curve_every_min
+            eval_cpu += time.process_time() - e0
+            if stopped:
+                break
+    train_s, wall_s = cpu, time.time() - t0
+    kept_step = step
+    if stopped and best is not None:
+        kept_step = best[1]
+        _lora_restore(bb, best[2])
+    save_lora(bb, run_dir / "lora")
+    tuned = scores_of(bb, proto, rs, run_dir / "scores.pt", f"seed {seed}")
+    out = {"method": args.method, "base": args.base, "seed": seed, "reward": args.reward, "updates": step,
+           "kept_step": kept_step, "early_stopped": stopped, "rollouts": obj.rollouts,
+           "train_cpu_min": round(train_s / 60, 3), "train_wall_min": round(wall_s / 60, 2),
+           "rewards": rewards_log, "curve": curve, "n_eval": proto.n}
+    out["gains"] = precise.gains(base, [tuned])
+    out["target_by_scene"] = precise.gain_by_scene(base[args.target], [tuned[args.target]], proto)
+    out["target_gain_per_cpu_min"] = round(out["gains"][args.target]["mean"] / max(train_s / 60, 1e-9), 4)
+    (run_dir / "result.json").write_text(json.dumps(out, indent=1))
     return out
+
+
+def _lora_copy(bb) -> dict[str, torch.Tensor]:
+    from diffalign.backbones.modules import unwrap
+
+    return {n: p.detach().clone() for n, p in unwrap(bb.denoiser).named_parameters() if ".default." in n}
+
+
+@torch.no_grad()
+def _lora_restore(bb, state: dict[str, torch.Tensor]) -> None:
+    from diffalign.backbones.modules import unwrap
+
+    if not state:  # the best point was the base itself: zero the adapter's B (LoRA with B = 0 is the base)
+        for n, p in unwrap(bb.denoiser).named_parameters():
+            if ".default." in n and "lora_B" in n:
+                p.zero_()
+        return
+    params = dict(unwrap(bb.denoiser).named_parameters())
+    for n, v in state.items():
+        params[n].copy_(v)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", choices=["sd", "sd3"], default="sd")
+    p.add_argument("--base", choices=["sd", "sd3", "sd_pos"], default="sd")
     p.add_argument("--base-dir", default="diffalign/toyworld/base")
     p.add_argument("--method", choices=["nft", "grpo", "ddpo"], default="nft")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--minutes", type=float, default=8.0,
-                   help="training budget per run in CPU minutes of this process (time.process_time, 1 thread): "
-                        "the same work on a loaded or an idle machine")
+    p.add_argument("--minutes", type=float, default=8.0, help="training budget per run in CPU minutes of this process")
     p.add_argument("--updates", type=int, default=0, help="train this many updates instead of --minutes")
+    p.add_argument("--reward", default="toy_shape", help="training reward (a toy reward name)")
+    p.add_argument("--target", default="toy_shape", help="metric of the table's gain and the curve")
+    p.add_argument("--gold", default="toy_shape", help="the early stop's metric")
+    p.add_argument("--early-stop-drop", type=float, default=None,
+                   help="stop when --gold on the curve falls more than this below its best point (needs --curve-every-min)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch", type=int, default=8, help="prompts per rollout")
     p.add_argument("--group", type=int, default=4, help="samples per prompt")
@@ -126,34 +193,62 @@ def main() -> None:
     p.add_argument("--decay-rate", type=float, default=0.001)
     p.add_argument("--decay-max", type=float, default=0.5)
     p.add_argument("--train-prompts", type=int, default=512)
-    p.add_argument("--eval-prompts", type=int, default=512)
-    p.add_argument("--eval-seeds", type=int, default=2)
+    p.add_argument("--two-object", type=float, default=0.5, help="fraction of two-object train prompts")
+    p.add_argument("--eval-prompts", type=int, default=256)
+    p.add_argument("--eval-seeds", type=int, default=4)
+    p.add_argument("--curve-every-min", type=float, default=0.0, help="score the curve protocol every M CPU minutes")
+    p.add_argument("--curve-prompts", type=int, default=64)
+    p.add_argument("--curve-seeds", type=int, default=4)
     p.add_argument("--out", default="runs/online_rl")
     args = p.parse_args()
+    for flag in ("minutes", "lr", "batch", "group", "rollout_steps", "train_prompts", "eval_prompts", "eval_seeds",
+                 "curve_prompts", "curve_seeds"):
+        if getattr(args, flag) <= 0:
+            p.error(f"--{flag.replace('_', '-')} must be positive (got {getattr(args, flag)})")
+    if not 0 <= args.two_object <= 1:
+        p.error(f"--two-object is a fraction in [0, 1] (got {args.two_object})")
+    if args.early_stop_drop is not None and args.curve_every_min <= 0:
+        p.error("--early-stop-drop needs --curve-every-min (the early stop reads the curve)")
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x]
+    except ValueError:
+        p.error(f"--seeds: {args.seeds!r} is not a comma-separated list of integers")
     torch.set_num_threads(1)
     from diffalign.backbones import load_backbone
+    from diffalign.bench import precise
     from diffalign.bench.experiment import load_rewards
-    from diffalign.toyworld import shapes
 
-    rs = load_rewards(list(ORACLES))
+    names = sorted({*ORACLES, args.reward, args.target, args.gold})
+    try:
+        rs = load_rewards(names)
+    except Exception as e:  # noqa: BLE001 - name the flag whose reward failed to load
+        p.error(f"--reward/--target/--gold: {e}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cache = out / f"base_{args.base}_{args.eval_prompts}x{args.eval_seeds}.pt"
-    if cache.is_file():
-        base_scores = torch.load(cache, weights_only=True)
-    else:
-        base_scores = score(load_backbone(Path(args.base_dir) / args.base),
-                            shapes.eval_prompts(args.eval_prompts, seed=1), args.eval_seeds, rs)
-        torch.save(base_scores, cache)
-    for s in [int(x) for x in args.seeds.split(",")]:
-        res = run(args, s, rs, base_scores)
+    base_bb = None
+    proto = precise.Protocol(prompts=args.eval_prompts, seeds=args.eval_seeds)
+    tag = f"{args.base}_{proto.prompts}x{proto.seeds}"
+    if not (out / "scores" / f"base_{tag}.pt").is_file():
+        base_bb = load_backbone(Path(args.base_dir) / args.base)
+    base = scores_of(base_bb, proto, rs, out / "scores" / f"base_{tag}.pt", "base")
+    base_curve = None
+    if args.curve_every_min > 0:
+        cp = precise.Protocol(prompts=args.curve_prompts, seeds=args.curve_seeds)
+        path = out / "scores" / f"base_curve_{args.base}_{cp.prompts}x{cp.seeds}.pt"
+        if not path.is_file() and base_bb is None:
+            base_bb = load_backbone(Path(args.base_dir) / args.base)
+        base_curve = scores_of(base_bb, cp, rs, path, "base (curve)")
+    del base_bb
+    for s in seeds:
+        res = run(args, s, rs, base, base_curve)
         res["args"] = {k: v for k, v in vars(args).items() if k not in ("seeds", "out")}
         with (out / "results.jsonl").open("a") as f:
             f.write(json.dumps(res) + "\n")
-        sh = res["toy_shape"]
-        print(f"{args.method} {args.base} seed {s}: shape {sh['base']} -> {sh['tuned']} (diff {sh['diff']:+.4f}, "
-              f"95% CI {sh['ci95']}), {res['updates']} updates, {res['train_cpu_min']} min; others "
-              + ", ".join(f"{k} {res[k]['diff']:+.4f}" for k in ORACLES if k != "toy_shape"), flush=True)
+        g = res["gains"]
+        print(f"{args.method} {args.base} seed {s} (reward {args.reward}): {res['updates']} updates, "
+              f"{res['train_cpu_min']} CPU min; " + ", ".join(f"{k} {precise.fmt_gain(g[k])}" for k in ORACLES)
+              + f"; {args.target} one-object {precise.fmt_gain(res['target_by_scene']['1 object'])}, two-object "
+              f"{precise.fmt_gain(res['target_by_scene']['2 objects'])}", flush=True)
 
 
 if __name__ == "__main__":

@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["objectives"][obj] = {
             "lr": lr, "seeds": n_seeds[obj], "after": {m: sum(precise.means(r)[m] for r in runs) / len(runs) for m in base_scores},
             "gains": precise.gains(base_scores, runs, n_boot=args.boot),
-            "target_by_scene": by_scene(base_scores[target], [r[target] for r in runs], proto, args.boot),
+            "target_by_scene": precise.gain_by_scene(base_scores[target], [r[target] for r in runs], proto, args.boot),
             "train_seconds": seconds,
         }
         _write(out, results)
@@ -309,16 +309,6 @@ def table(results: dict[str, Any]) -> str:
 
 def _mean_scores(runs: list[dict[str, torch.Tensor]], metric: str) -> torch.Tensor:
     return torch.stack([r[metric].double() for r in runs]).mean(0)
-
-
-def by_scene(base: torch.Tensor, runs: list[torch.Tensor], proto: Protocol, n_boot: int) -> dict[str, Any]:
-    """The target's gain on the one-object and on the two-object held-out prompts apart (the protocol's
-    prompts are mostly two-object scenes, where the toy bases are weakest)."""
-    from diffalign.toyworld.shapes import parse_caption
-
-    n_obj = torch.tensor([len(parse_caption(c).objects) for c in proto.captions()])
-    return {f"{k} object{'s' * (k > 1)}": precise.gain(base[n_obj == k], [r[n_obj == k] for r in runs], n_boot=n_boot)
-            for k in (1, 2) if bool((n_obj == k).any())}
 
 
 def _write(out: Path, results: dict[str, Any]) -> None:

@@ -147,6 +147,17 @@ def gains(base: dict[str, torch.Tensor], runs: Sequence[dict[str, torch.Tensor]]
     return {m: gain(base[m], [r[m] for r in runs], **kw) for m in base if all(m in r for r in runs)}
 
 
+def gain_by_scene(base: torch.Tensor, runs: Sequence[torch.Tensor], protocol: Protocol,
+                  n_boot: int = 2000) -> dict[str, dict[str, Any]]:
+    """``gain`` on the protocol's one-object and two-object held-out prompts apart (``"1 object"``,
+    ``"2 objects"``; the default protocol is 79% two-object scenes, where the toy bases are weakest)."""
+    from ..toyworld.shapes import parse_caption
+
+    n_obj = torch.tensor([len(parse_caption(c).objects) for c in protocol.captions()])
+    return {f"{k} object{'s' * (k > 1)}": gain(base[n_obj == k], [r[n_obj == k] for r in runs], n_boot=n_boot)
+            | {"n": int((n_obj == k).sum())} for k in (1, 2) if bool((n_obj == k).any())}
+
+
 def fmt_gain(g: dict[str, Any]) -> str:
     """``+0.042 [+0.030, +0.055]`` (and ``± seed std`` when there were several seeds)."""
     s = f"{g['mean']:+.3f} [{g['low']:+.3f}, {g['high']:+.3f}]"

@@ -3,7 +3,8 @@
 A source is one of:
 
 * ``toy:train`` / ``toy:heldout``: every caption of the toy grammar's split (``toyworld.shapes.prompts``,
-  fixed order); ``toy:train:N`` / ``toy:heldout:N`` draws N of them (half single-, half two-object, seed 0).
+  fixed order); ``toy:train:N`` / ``toy:heldout:N`` draws N of them (half single-, half two-object, seed 0);
+  ``toy:train:N:F`` draws N with a fraction F of two-object scenes (``shapes.prompt_mix``, seed 0).
 * a ``.jsonl`` file: one JSON object per line with a ``"prompt"`` (or ``"caption"``) string; blank lines
   are skipped; a row may name its reference image(s) for identity rewards and identity adapters
   (ID-Aligner): ``"reference": "faces/ada.png"`` or a list of paths (relative to the file's folder; every
@@ -47,16 +48,25 @@ def load_prompts(source: str | Path, max_chars: int = MAX_PROMPT_CHARS) -> list[
 
 
 def _toy_prompts(spec: str) -> list[str]:
-    from ..toyworld.shapes import prompts  # the toy grammar (a leaf module: no import cycle)
+    from ..toyworld.shapes import prompt_mix, prompts  # the toy grammar (a leaf module: no import cycle)
 
     parts = spec.split(":")
-    if len(parts) not in (2, 3) or parts[1] not in ("train", "heldout"):
-        raise PromptDataError(f"prompt source {spec!r}: expected toy:train, toy:heldout or toy:<split>:<N>")
+    if len(parts) not in (2, 3, 4) or parts[1] not in ("train", "heldout"):
+        raise PromptDataError(f"prompt source {spec!r}: expected toy:train, toy:heldout, toy:<split>:<N> "
+                              "or toy:<split>:<N>:<two-object fraction>")
     n = None
-    if len(parts) == 3:
+    if len(parts) >= 3:
         if not parts[2].isdigit() or int(parts[2]) < 1:
             raise PromptDataError(f"prompt source {spec!r}: N must be a positive integer")
         n = int(parts[2])
+    if len(parts) == 4:
+        try:
+            frac = float(parts[3])
+        except ValueError:
+            frac = -1.0
+        if not 0 <= frac <= 1:
+            raise PromptDataError(f"prompt source {spec!r}: the two-object fraction must be a number in [0, 1]")
+        return prompt_mix(parts[1], n, frac, seed=0)  # type: ignore[arg-type]
     return prompts(parts[1], n=n, seed=0)  # type: ignore[arg-type]
 
 

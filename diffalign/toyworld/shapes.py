@@ -239,6 +239,21 @@ def prompts(split: Split = "train", n: int | None = None, seed: int = 0) -> list
     return [s.caption() for s in chosen]
 
 
+def prompt_mix(split: Split, n: int, two_object: float, seed: int = 0) -> list[str]:
+    """``n`` captions of a split of which a fraction ``two_object`` (rounded) are two-object scenes, drawn by
+    ``seed`` (``prompts`` draws half and half; the held-out evaluation is 79% two-object scenes)."""
+    if not 0 <= two_object <= 1:
+        raise ValueError(f"two_object must be a fraction in [0, 1], got {two_object}")
+    scenes = [s for s in all_scenes() if in_split(s, split)]
+    singles = [s.caption() for s in scenes if len(s.objects) == 1]
+    pairs = [s.caption() for s in scenes if len(s.objects) == 2]
+    rng = random.Random(seed)
+    n2 = min(len(pairs), round(n * two_object))
+    chosen = rng.sample(singles, min(len(singles), n - n2)) + rng.sample(pairs, n2)
+    rng.shuffle(chosen)
+    return chosen
+
+
 def eval_prompts(n: int = 64, seed: int = 0) -> list[str]:
     """The standard held-out evaluation prompts: ``prompts("heldout", n, seed)``."""
     return prompts("heldout", n=n, seed=seed)

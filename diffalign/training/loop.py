@@ -313,8 +313,10 @@ def _run(cfg: RunConfig, resume: str | None, accelerator: Any, stop: StopSignals
                 accelerator.log(last, step=step)
                 if main:
                     append_jsonl(out / "metrics.jsonl", {"step": step, **last})
-                if "loss" in last:
-                    bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last.get('implicit_acc', 0):.2f}")
+                if "loss" in last:  # the pair objectives' implicit accuracy, the online ones' rollout reward
+                    shown = {"acc": last["implicit_acc"]} if "implicit_acc" in last else (
+                        {"reward": last["reward_mean"]} if "reward_mean" in last else {})
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", **{k: f"{v:.3f}" for k, v in shown.items()})
             bar.update(1)
             if checkpointing:
                 path = save(step)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffalign.bench.precise import Protocol
+from diffalign.bench.precise import Protocol, gain_by_scene
 from diffalign.toyworld.shapes import parse_caption
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -21,7 +21,7 @@ def test_by_scene_splits_the_gain_by_object_count():
     assert one.any() and (~one).any()
     base = torch.zeros(proto.n)
     run = torch.where(one, 1.0, 0.0)  # the model gains 1 on one-object prompts only
-    rep = bench_precise.by_scene(base, [run], proto, n_boot=50)
+    rep = gain_by_scene(base, [run], proto, n_boot=50)
     assert rep["1 object"]["mean"] == pytest.approx(1.0) and rep["1 object"]["n"] == int(one.sum())
     assert rep["2 objects"]["mean"] == pytest.approx(0.0) and rep["2 objects"]["n"] == int((~one).sum())
 

@@ -56,6 +56,17 @@ def test_toy_splits_are_disjoint():
     assert len(load_prompts("toy:heldout:16")) == 16
 
 
+def test_toy_source_with_a_two_object_fraction():
+    from diffalign.toyworld.shapes import parse_caption, prompts
+
+    ps = load_prompts("toy:train:50:0.8")
+    assert len(ps) == 50 and sum(len(parse_caption(p).objects) == 2 for p in ps) == 40
+    assert load_prompts("toy:train:50:0.5") == prompts("train", n=50)  # half and half: the same draw as toy:train:50
+    for bad in ("toy:train:50:1.5", "toy:train:50:x", "toy:train:50:0.5:1"):
+        with pytest.raises(PromptDataError, match="two-object fraction|expected toy:train"):
+            load_prompts(bad)
+
+
 def test_dataset_and_collate(tmp_path):
     ds = PromptDataset(["a", "b", "c"])
     batch = next(iter(DataLoader(ds, batch_size=2, collate_fn=collate_prompts)))

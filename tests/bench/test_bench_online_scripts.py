@@ -1,0 +1,118 @@
+"""scripts/bench_online_rl.py and scripts/bench_cpu_minutes.py: the parts that run without training."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffalign.toyworld import shapes
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+online = _load("bench_online_rl")
+cpu_minutes = _load("bench_cpu_minutes")
+
+
+@pytest.mark.parametrize("frac", [0.0, 0.5, 0.8, 1.0])
+def test_prompt_mix_holds_the_asked_two_object_fraction_and_stays_in_its_split(frac):
+    ps = shapes.prompt_mix("train", 100, frac, seed=3)
+    assert len(ps) == 100 and len(set(ps)) == 100
+    two = sum(len(shapes.parse_caption(p).objects) == 2 for p in ps)
+    assert two == round(100 * frac)
+    assert not any(shapes.is_heldout(p) for p in ps)
+    assert shapes.prompt_mix("train", 100, frac, seed=3) == ps  # deterministic by seed
+    assert shapes.prompt_mix("train", 100, frac, seed=4) != ps
+    held = shapes.prompt_mix("heldout", 40, frac, seed=0)
+    assert all(shapes.is_heldout(p) for p in held)
+    with pytest.raises(ValueError, match="two_object"):
+        shapes.prompt_mix("train", 10, 1.2)
+
+
+@pytest.mark.parametrize("flags, msg", [
+    (["--two-object", "1.5"], "--two-object"),
+    (["--lr", "0"], "--lr"),
+    (["--early-stop-drop", "0.02"], "--curve-every-min"),
+    (["--seeds", "0,x"], "--seeds"),
+    (["--reward", "no_such_reward"], "--reward"),
+])
+def test_bad_flags_are_refused_before_any_work(tmp_path, monkeypatch, capsys, flags, msg):
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["bench_online_rl.py", "--out", str(out), *flags])
+    with pytest.raises(SystemExit):
+        online.main()
+    assert msg in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_lora_restore_of_the_base_point_zeroes_b_so_the_model_is_the_base():
+    from diffalign.backbones import load_backbone
+    from diffalign.backbones.lora import add_lora
+    from diffalign.backbones.tiny import build_tiny_pipeline
+
+    bb = load_backbone(build_tiny_pipeline("sd15"))
+    add_lora(bb, rank=2)
+    x, t = torch.randn(1, *bb.latent_shape(1)[1:]), torch.tensor([500])
+    cond = bb.encode_prompts(["a red circle"])
+    with torch.no_grad():
+        base = bb.predict(x, t, cond, reference=True)
+        saved = online._lora_copy(bb)
+        assert saved and all(".default." in n for n in saved)
+        for p in bb.trainable_parameters():
+            p.add_(0.1)
+        assert not torch.allclose(bb.predict(x, t, cond), base)
+        online._lora_restore(bb, {})
+        assert torch.equal(bb.predict(x, t, cond), base)
+
+
+def test_dpo_curve_reads_the_checkpoint_scores_and_the_base(tmp_path):
+    d = tmp_path / "scores" / "curve"
+    d.mkdir(parents=True)
+    torch.save({"toy_shape": torch.zeros(4)}, d / "base.pt")
+    for seed in (0, 1):
+        for step in (20, 40):
+            torch.save({"toy_shape": torch.full((4,), step / 100 + seed)}, d / f"dpo_seed{seed}_step{step}.pt")
+    torch.save({"toy_shape": torch.ones(4)}, d / "inpo_seed0_step20.pt")  # another objective: ignored
+    curve = cpu_minutes.dpo_curve(tmp_path, "toy_shape")
+    assert list(curve) == [0, 20, 40]
+    assert len(curve[0]) == 1 and len(curve[20]) == 2 and len(curve[40]) == 2
+    assert sorted(float(c[0]) for c in curve[40]) == pytest.approx([0.4, 1.4])
+
+
+def test_cpu_minutes_refuses_an_online_folder_without_results(tmp_path, capsys):
+    (tmp_path / "ok").mkdir()
+    (tmp_path / "ok" / "results.jsonl").write_text(json.dumps({"seed": 0}) + "\n")
+    with pytest.raises(SystemExit):
+        cpu_minutes.main(["--precise", str(tmp_path), "--online", f"nft={tmp_path / 'missing'}", "--out", str(tmp_path / "o")])
+    assert "nft=" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cpu_minutes.main(["--precise", str(tmp_path), "--online", str(tmp_path / "ok"), "--out", str(tmp_path / "o")])
+
+
+def test_best_of_k_picks_each_samples_best_candidate_and_keeps_its_other_metrics():
+    best_of = _load("bench_best_of")
+    cands = [{"toy_shape": torch.tensor([0.0, 1.0, 0.5]), "toy_color": torch.tensor([1.0, 2.0, 3.0]),
+              "diversity": torch.tensor([0.1])},
+             {"toy_shape": torch.tensor([1.0, 1.0, 0.0]), "toy_color": torch.tensor([4.0, 5.0, 6.0]),
+              "diversity": torch.tensor([0.2])}]
+    best = best_of.pick_best(cands, "toy_shape")
+    assert best["toy_shape"].tolist() == [1.0, 1.0, 0.5]
+    assert best["toy_color"].tolist() == [4.0, 2.0, 3.0]  # a tie keeps the first candidate (the base sample)
+    assert "diversity" not in best
+
+
+def test_best_of_refuses_a_folder_that_is_no_pipeline(tmp_path, capsys):
+    best_of = _load("bench_best_of")
+    with pytest.raises(SystemExit):
+        best_of.main(["--base", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert "--base" in capsys.readouterr().err and not (tmp_path / "o").exists()
