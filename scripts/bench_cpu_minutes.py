@@ -75,12 +75,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cost-prompts", type=int, default=64)
     ap.add_argument("--out", required=True, help="OUT.json and OUT.png are written")
     args = ap.parse_args(argv)
-    online = {}
+    online: dict[str, list[dict]] = {}
+    folders: dict[str, list[Path]] = {}
     for spec in args.online:
         name, sep, folder = spec.partition("=")
         if not sep or not (Path(folder) / "results.jsonl").is_file():
             ap.error(f"--online {spec!r}: expected NAME=FOLDER with FOLDER/results.jsonl")
-        online[name] = [json.loads(line) for line in (Path(folder) / "results.jsonl").read_text().splitlines() if line]
+        rows = [json.loads(line) for line in (Path(folder) / "results.jsonl").read_text().splitlines() if line]
+        online.setdefault(name, []).extend(rows)  # a NAME given twice: its runs pooled (e.g. seeds run apart)
+        folders.setdefault(name, []).extend(Path(folder) / f"{r['method']}_seed{r['seed']}" for r in rows)
     torch.set_num_threads(1)
     from diffalign.bench import precise
 
@@ -99,6 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
            "online": {n: [{"seed": r["seed"], "curve": [{"cpu_min": p["cpu_min"], "gain": p[args.target] - r["curve"][0][args.target]}
                                                           for p in r["curve"]],
                            "final_gain": r["gains"][args.target]} for r in rs] for n, rs in online.items()}}
+    res["final"] = final_table(precise_dir, folders)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1))
@@ -107,10 +111,50 @@ def main(argv: list[str] | None = None) -> dict:
           f"{costs['step_cpu_s']:.3f} CPU s per step")
     for p in dpo:
         print(f"  dpo step {p['step']:4d}  {p['cpu_min']:6.2f} CPU min  gain {p['gain']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}]")
+    for n, f in res["final"].items():
+        print(f"{n} ({f['seeds']} seeds, {f['n']} samples): " + ", ".join(f"{m} {_fmt(g)}" for m, g in f["gains"].items()))
+        for k, g in f["target_by_scene"].items():
+            print(f"  {args.target} on {k} prompts: {_fmt(g)}")
+        for m, g in f.get("minus_dpo", {}).items():
+            print(f"  {n} - DPO, {m}: {_fmt(g)}")
     for n, runs in res["online"].items():
         for r in runs:
             print(f"  {n} seed {r['seed']}: " + "  ".join(f"{p['cpu_min']:.1f}:{p['gain']:+.3f}" for p in r["curve"]))
     return res
+
+
+def _fmt(g: dict) -> str:
+    from diffalign.bench import precise
+
+    return precise.fmt_gain(g)
+
+
+def final_table(precise_dir: Path, folders: dict[str, list[Path]]) -> dict:
+    """Each online method's seed-averaged gains on the full protocol (every oracle, the target by scene), and
+    its paired difference from DPO's seed-averaged model on the same samples (``PRECISE/scores/dpo_seed*.pt``)."""
+    from diffalign.bench import precise
+
+    meta = json.loads((precise_dir / "results.json").read_text())
+    proto = precise.Protocol(**{k: v for k, v in meta["protocol"].items() if k != "samples"}
+                             | {"prompt_list": None if meta["protocol"].get("prompt_list") is None
+                                else tuple(meta["protocol"]["prompt_list"])})
+    target = meta["target"]
+    base = torch.load(precise_dir / "scores" / "base.pt", weights_only=True)
+    dpo = [torch.load(f, weights_only=True) for f in sorted((precise_dir / "scores").glob("dpo_seed*.pt"))]
+    out = {}
+    for name, dirs in folders.items():
+        runs = [torch.load(d / "scores.pt", weights_only=True) for d in dirs]
+        metrics = [m for m in base if m != "diversity" and all(m in r for r in runs)]
+        f = {"seeds": len(runs), "n": int(base[target].numel()),
+             "gains": {m: precise.gain(base[m], [r[m] for r in runs]) for m in metrics},
+             "target_by_scene": precise.gain_by_scene(base[target], [r[target] for r in runs], proto)}
+        if dpo:
+            f["minus_dpo"] = {m: precise.gain(torch.stack([d[m].double() for d in dpo]).mean(0),
+                                              [torch.stack([r[m].double() for r in runs]).mean(0)])
+                              for m in (target, "toy_oracle")}
+            f["dpo_seeds"] = len(dpo)
+        out[name] = f
+    return out
 
 
 def plot(res: dict, path: Path) -> None:

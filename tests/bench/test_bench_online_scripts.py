@@ -116,3 +116,27 @@ def test_best_of_refuses_a_folder_that_is_no_pipeline(tmp_path, capsys):
     with pytest.raises(SystemExit):
         best_of.main(["--base", str(tmp_path), "--out", str(tmp_path / "o")])
     assert "--base" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_final_table_pools_seeds_and_pairs_with_dpo_on_the_same_samples(tmp_path):
+    from diffalign.bench.precise import Protocol
+
+    proto = Protocol(prompts=8, seeds=2)
+    n = proto.n
+    (tmp_path / "scores").mkdir()
+    (tmp_path / "results.json").write_text(json.dumps({"protocol": proto.as_dict(), "target": "toy_shape"}))
+    torch.save({"toy_shape": torch.zeros(n), "toy_oracle": torch.zeros(n), "diversity": torch.zeros(8)},
+               tmp_path / "scores" / "base.pt")
+    torch.save({"toy_shape": torch.full((n,), 0.1), "toy_oracle": torch.zeros(n)}, tmp_path / "scores" / "dpo_seed0.pt")
+    dirs = []
+    for seed, v in ((0, 0.2), (1, 0.4)):
+        d = tmp_path / f"nft_seed{seed}"
+        d.mkdir()
+        torch.save({"toy_shape": torch.full((n,), v), "toy_oracle": torch.full((n,), v / 2)}, d / "scores.pt")
+        dirs.append(d)
+    f = cpu_minutes.final_table(tmp_path, {"nft": dirs})["nft"]
+    assert f["seeds"] == 2 and f["n"] == n and "diversity" not in f["gains"]
+    assert f["gains"]["toy_shape"]["mean"] == pytest.approx(0.3)
+    assert f["minus_dpo"]["toy_shape"]["mean"] == pytest.approx(0.2)
+    assert f["minus_dpo"]["toy_oracle"]["mean"] == pytest.approx(0.15)
+    assert sum(g["n"] for g in f["target_by_scene"].values()) == n
