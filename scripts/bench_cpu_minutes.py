@@ -11,7 +11,8 @@ machine with ``time.process_time`` (one thread): ``--cost-steps`` DPO steps thro
 on the same pairs and settings (batch 16, LoRA rank 8, lr 1e-3), and ``--cost-prompts`` prompts x k images
 sampled and labelled as the pairs were (20 steps, CFG 5), scaled to the pair sample's size. The online curves
 come from ``scripts/bench_online_rl.py --curve-every-min`` (the same curve protocol; their x-axis already is
-their training CPU, rollouts included). Writes OUT.json and OUT.png (gain and its 95% band for DPO, per-seed
+their training CPU, rollouts included). DPO's costs are kept in OUT.costs.json and reused by a rerun (delete
+it to measure again). Writes OUT.json and OUT.png (gain and its 95% band for DPO, per-seed
 lines for the online runs).
 """
 
@@ -89,7 +90,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     precise_dir = Path(args.precise)
     meta = json.loads((precise_dir / "pairs" / "pairs_meta.json").read_text())
-    costs = dpo_costs(Path(args.base), precise_dir / "pairs", args.cost_steps, args.cost_prompts, int(meta["k"]))
+    cost_file = Path(args.out).with_suffix(".costs.json")  # measured once; delete it to measure again
+    if cost_file.is_file():
+        costs = json.loads(cost_file.read_text())
+    else:
+        costs = dpo_costs(Path(args.base), precise_dir / "pairs", args.cost_steps, args.cost_prompts, int(meta["k"]))
+        cost_file.parent.mkdir(parents=True, exist_ok=True)
+        cost_file.write_text(json.dumps(costs, indent=1))
     pair_min = costs["pair_prompt_cpu_s"] * meta["pairs"] / 60
     curve = dpo_curve(precise_dir, args.target)
     base = curve[0][0]

@@ -140,3 +140,19 @@ def test_final_table_pools_seeds_and_pairs_with_dpo_on_the_same_samples(tmp_path
     assert f["minus_dpo"]["toy_shape"]["mean"] == pytest.approx(0.2)
     assert f["minus_dpo"]["toy_oracle"]["mean"] == pytest.approx(0.15)
     assert sum(g["n"] for g in f["target_by_scene"].values()) == n
+
+
+def test_plot_online_curves_draws_runs_and_refuses_a_missing_metric(tmp_path, capsys):
+    plot = _load("plot_online_curves")
+    run = tmp_path / "r"
+    run.mkdir()
+    curve = [{"step": 0, "cpu_min": 0.0, "toy_oracle": 0.6, "toy_aesthetic": 0.3},
+             {"step": 10, "cpu_min": 0.5, "toy_oracle": 0.7, "toy_aesthetic": 0.35},
+             {"step": 20, "cpu_min": 1.0, "toy_oracle": 0.5, "toy_aesthetic": 0.4}]
+    (run / "results.jsonl").write_text(json.dumps({"reward": "toy_aesthetic", "curve": curve, "early_stopped": True,
+                                                   "kept_step": 10}) + "\n")
+    plot.main(["--run", f"a={run}", "--metrics", "toy_aesthetic,toy_oracle", "--out", str(tmp_path / "p.png")])
+    assert (tmp_path / "p.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        plot.main(["--run", f"a={run}", "--metrics", "toy_shape", "--out", str(tmp_path / "q.png")])
+    assert "toy_shape" in capsys.readouterr().err and not (tmp_path / "q.png").exists()
