@@ -132,3 +132,29 @@ def test_personalized_sampling_uses_the_profile_in_both_branches(family):
     assert not torch.allclose(mine, plain, atol=1e-5)
     assert torch.equal(again, plain)  # the context restored the backbone
     assert torch.equal(zero, plain)
+
+
+def test_flux_single_stream_blocks_get_the_user_branch():
+    """FLUX's single-stream blocks (text and image tokens in one stream, no output map) carry the user branch
+    too: scale 0 is the unconditioned model exactly, and the single block alone changes the output."""
+    bb = _backbone("flux")
+    x, t, cond, e = _inputs(bb)
+    with torch.no_grad():
+        base = bb.predict(x, t, cond)
+        cfg = install_injection(bb, embed_dim=D, tokens=2)
+        single = [n for n in cfg.layers if n.startswith("single_transformer_blocks.")]
+        double = [n for n in cfg.layers if n.startswith("transformer_blocks.")]
+        assert single and double and len(single) + len(double) == len(cfg.layers)
+        procs = user_processors(bb.denoiser)
+        assert {procs[n + ".processor"].kind for n in single} == {"flux_single"}
+        _perturb(bb)
+        set_scale(bb, 0.0)
+        assert torch.equal(bb.predict(x, t, with_user(cond, e)), base)
+        set_scale(bb, 1.0)
+        for n in double:  # only the single-stream branch acts
+            procs[n + ".processor"].scale = 0.0
+        only_single = bb.predict(x, t, with_user(cond, e))
+        assert not torch.allclose(only_single, base, atol=1e-5)
+        for n in single:
+            procs[n + ".processor"].scale = 0.0
+        assert torch.equal(bb.predict(x, t, with_user(cond, e)), base)
