@@ -187,11 +187,14 @@ def has_injection(model: nn.Module) -> bool:
     return isinstance(getattr(_unwrap(model), "user_projection", None), UserProjection)
 
 
-def install_injection(backbone: Any, embed_dim: int, tokens: int = 4, scale: float = 1.0) -> InjectionConfig:
+def install_injection(backbone: Any, embed_dim: int, tokens: int = 4, scale: float = 1.0,
+                      layers: list[str] | None = None) -> InjectionConfig:
     """Add a user branch to every text-attention layer of ``backbone``'s denoiser (see module docstring).
 
     The new weights are trainable (``requires_grad``), fp32, on the denoiser's device; everything else
-    keeps its state. Returns the injection's config (what ``save_injection`` writes).
+    keeps its state. Returns the injection's config (what ``save_injection`` writes). ``layers``: only
+    these of the eligible layers (``load_injection`` passes a file's own list, so a FLUX injection saved
+    before the single-stream blocks had a branch still loads).
     """
     model = _unwrap(backbone.denoiser)
     if has_injection(model):
@@ -207,6 +210,8 @@ def install_injection(backbone: Any, embed_dim: int, tokens: int = 4, scale: flo
         kind = _kind(modules[mod_name], mod_name, family)
         if kind is not None:
             chosen[name] = (modules[mod_name], kind)
+    if layers is not None:
+        chosen = {n: v for n, v in chosen.items() if n.removesuffix(".processor") in set(layers)}
     if not chosen:
         raise InjectionError(f"{type(model).__name__}: no text-attention layer found for a user branch")
     token_dims = {_text_key(m, k).in_features for m, k in chosen.values()}
@@ -320,7 +325,8 @@ def load_injection(backbone: Any, path: str | Path, scale: float | None = None) 
     fam = family_of(backbone)
     if cfg.family and cfg.family != fam:
         raise InjectionError(f"{path}: injection trained for the {cfg.family} family, the model is {fam}")
-    new = install_injection(backbone, cfg.embed_dim, cfg.tokens, cfg.scale if scale is None else scale)
+    new = install_injection(backbone, cfg.embed_dim, cfg.tokens, cfg.scale if scale is None else scale,
+                            layers=cfg.layers or None)
     if new.layers != cfg.layers or new.token_dim != cfg.token_dim:
         remove_injection(backbone)
         raise InjectionError(f"{path}: saved for other attention layers ({len(cfg.layers)} layers, token dim "

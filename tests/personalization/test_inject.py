@@ -158,3 +158,35 @@ def test_flux_single_stream_blocks_get_the_user_branch():
         for n in single:
             procs[n + ".processor"].scale = 0.0
         assert torch.equal(bb.predict(x, t, with_user(cond, e)), base)
+
+
+def test_flux_injection_saved_without_single_blocks_still_loads(tmp_path):
+    """A FLUX injection whose file lists only the double-stream blocks (saved before single-stream blocks had a
+    branch) loads onto those layers alone; a file naming a layer the model lacks is refused."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    bb = _backbone("flux")
+    x, t, cond, e = _inputs(bb)
+    cfg = install_injection(bb, embed_dim=D, tokens=2)
+    _perturb(bb)
+    path = save_injection(bb, tmp_path / "u.safetensors")
+    state = {k: v for k, v in load_file(str(path)).items() if not k.startswith("single_transformer_blocks.")}
+    double = [n for n in cfg.layers if n.startswith("transformer_blocks.")]
+    meta = {"format": "diffalign.user_injection",
+            "config": json.dumps({**cfg.__dict__, "layers": double})}
+    save_file(state, str(tmp_path / "old.safetensors"), metadata=meta)
+    for n in cfg.layers:
+        if n not in double:
+            user_processors(bb.denoiser)[n + ".processor"].scale = 0.0
+    with torch.no_grad():
+        want = bb.predict(x, t, with_user(cond, e))
+    fresh = _backbone("flux")
+    assert load_injection(fresh, tmp_path / "old.safetensors").layers == double
+    with torch.no_grad():
+        assert torch.equal(fresh.predict(x, t, with_user(cond, e)), want)
+    meta["config"] = json.dumps({**cfg.__dict__, "layers": [*double, "transformer_blocks.9.attn"]})
+    save_file(state, str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(InjectionError, match="other attention layers"):
+        load_injection(_backbone("flux"), tmp_path / "bad.safetensors")
