@@ -113,7 +113,7 @@ def ppd_config(args: argparse.Namespace, data: dict[str, Any], clip_dir: Path, s
         "data": {"train": str(data["train"]), "prompt_dropout": 0.1, "random_flip": False},
         "objective": {"name": "ppd", "beta": args.beta, "encoder": encoder_spec(clip_dir),
                       "embed_dim": encoder_for(clip_dir).dim, "k": args.shots, "embedding_dropout": args.dropout,
-                      "tokens": args.tokens, "train_lora": args.train_lora},
+                      "tokens": args.tokens},
         "train": {
             "output_dir": str(run), "seed": seed, "steps": args.steps, "batch_size": args.batch, "lr": args.lr,
             "lr_scheduler": "constant_with_warmup", "warmup_steps": args.warmup_steps or max(1, args.steps // 20), "weight_decay": 0.0,
@@ -418,7 +418,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", type=int, default=4)
     ap.add_argument("--encoder", choices=["clip", "clip_patches"], default="clip",
                     help="user encoder on the toy CLIP: its image embedding, or its patch features (4 x 4 grid)")
-    ap.add_argument("--train-lora", action="store_true", help="train the LoRA together with the injection")
     ap.add_argument("--lora-rank", type=int, default=4)
     ap.add_argument("--scale", type=float, default=1.0, help="injection scale at evaluation")
     ap.add_argument("--negative", choices=["same", "zero"], default="zero",
