@@ -113,7 +113,7 @@ def ppd_config(args: argparse.Namespace, data: dict[str, Any], clip_dir: Path, s
         "data": {"train": str(data["train"]), "prompt_dropout": 0.1, "random_flip": False},
         "objective": {"name": "ppd", "beta": args.beta, "encoder": encoder_spec(clip_dir),
                       "embed_dim": encoder_for(clip_dir).dim, "k": args.shots, "embedding_dropout": args.dropout,
-                      "tokens": args.tokens},
+                      "tokens": args.tokens, "train_lora": args.train_lora},
         "train": {
             "output_dir": str(run), "seed": seed, "steps": args.steps, "batch_size": args.batch, "lr": args.lr,
             "lr_scheduler": "constant_with_warmup", "warmup_steps": args.warmup_steps or max(1, args.steps // 20), "weight_decay": 0.0,
@@ -265,19 +265,29 @@ def evaluate(args: argparse.Namespace, data: dict[str, Any], clip_dir: Path, out
         if base_only:
             continue
         wins_vs_base, wins_vs_dpo, dpo_vs_base, gains, ppd_scores, dpo_scores = [], [], [], [], [], []
+        ref_scores = []  # "the same model without a profile" per seed: the base, or with --train-lora the LoRA model
         first_ppd = None
         for seed in sorted(ppd):
-            def run_ppd(seed: int = seed, rows_p: list[str] = rows_p, rows_e: torch.Tensor = rows_e,
-                        noise: int = noise) -> torch.Tensor:
-                bb = load_base()
+            def ppd_model(seed: int = seed) -> Any:
+                bb = load_model(BASE, ppd[seed].parent / "lora", device="cpu") if args.train_lora else load_base()
                 load_injection(bb, ppd[seed], scale=args.scale)
-                return sample(bb, rows_p, rows_e, noise)
+                return bb
+
+            def run_ppd(rows_p: list[str] = rows_p, rows_e: torch.Tensor = rows_e, noise: int = noise,
+                        ppd_model: Any = ppd_model) -> torch.Tensor:
+                return sample(ppd_model(), rows_p, rows_e, noise)
 
             img_ppd = cached(out / "eval" / f"ppd_{gname}_seed{seed}{tag}.pt", run_ppd)
             s_ppd = user_scores(img_ppd, rows_u)
-            wins_vs_base.append(win_rate(s_ppd, s_base))
-            gains.append(float((s_ppd - s_base).mean()))
+            s_ref = s_base
+            if args.train_lora:  # the LoRA trained too: compare with that model (LoRA on) without a profile
+                s_ref = user_scores(cached(out / "eval" / f"ppd_{gname}_seed{seed}_noprofile.pt",
+                                           lambda rows_p=rows_p, noise=noise, ppd_model=ppd_model: sample(
+                                               ppd_model(), rows_p, None, noise)), rows_u)
+            wins_vs_base.append(win_rate(s_ppd, s_ref))
+            gains.append(float((s_ppd - s_ref).mean()))
             ppd_scores.append(s_ppd)
+            ref_scores.append(s_ref)
             first_ppd = img_ppd if first_ppd is None else first_ppd
             if seed not in dpo:
                 continue
@@ -296,7 +306,7 @@ def evaluate(args: argparse.Namespace, data: dict[str, Any], clip_dir: Path, out
             "dpo_vs_base": bootstrap_ci(torch.stack(dpo_vs_base)) if dpo_scores else None,
             "ppd_vs_base_per_seed": [float(w.mean()) for w in wins_vs_base],
             "reward_gain_per_seed": gains,
-            "reward_gain_ppd": _interval(s_base.repeat(len(ppd_scores)), torch.cat(ppd_scores)),
+            "reward_gain_ppd": _interval(torch.cat(ref_scores), torch.cat(ppd_scores)),
             "reward_gain_dpo": _interval(s_base.repeat(len(dpo_scores)), torch.cat(dpo_scores)) if dpo_scores else None,
             "dpo_seeds": sorted(dpo),
             "per_user_win_rate": {u.user_id: float(v) for u, v in zip(users, per_user, strict=True)},
@@ -418,6 +428,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", type=int, default=4)
     ap.add_argument("--encoder", choices=["clip", "clip_patches"], default="clip",
                     help="user encoder on the toy CLIP: its image embedding, or its patch features (4 x 4 grid)")
+    ap.add_argument("--train-lora", action="store_true",
+                    help="train the LoRA with the injection (win rates only, --probe: against the LoRA model without "
+                         "a profile)")
     ap.add_argument("--lora-rank", type=int, default=4)
     ap.add_argument("--scale", type=float, default=1.0, help="injection scale at evaluation")
     ap.add_argument("--negative", choices=["same", "zero"], default="zero",
@@ -434,6 +447,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--grid", default="docs/results/personalization_grid.png")
     ap.add_argument("--stage", choices=["data", "eval-base", "train-ppd", "train-dpo", "train", "all"], default="all")
     args = ap.parse_args(argv)
+    if args.train_lora and not args.probe:
+        ap.error("--train-lora: only win rates are evaluated for such runs; add --probe")
     torch.set_num_threads(1)
     global EVAL_STEPS, NEGATIVE, ENCODER
     EVAL_STEPS, NEGATIVE, ENCODER = args.eval_steps, args.negative, args.encoder
