@@ -488,6 +488,9 @@ def add_profile_arguments(s: argparse.ArgumentParser) -> None:
                    help="a user profile, or a mix: alice.profile:0.7,bob.profile:0.3 (needs --injection)")
     s.add_argument("--injection", default=None, help="the trained user injection (user_injection.safetensors)")
     s.add_argument("--profile-scale", type=float, default=None, help="weight of the user branch (default: trained)")
+    s.add_argument("--profile-negative", choices=["zero", "same"], default="zero",
+                   help="user embedding of CFG's unconditional branch: zero (IP-Adapter's convention; CFG amplifies "
+                        "the profile; the stronger one in the toy world, docs/BENCHMARKS.md) or the same profile")
 
 
 def _personalized_model(args: argparse.Namespace) -> tuple[Any, Any, Any]:
@@ -503,7 +506,7 @@ def _personalized_model(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
     bb, prof = load_personalized(args.model, args.injection, args.profile, lora=args.lora, scale=args.profile_scale,
                                  device=args.device)
-    return bb, None, personalized(bb, prof.embedding)
+    return bb, None, personalized(bb, prof.embedding, negative=args.profile_negative)
 
 
 def _profile_create(args: argparse.Namespace, _: list[str]) -> int:

@@ -12,7 +12,8 @@ Stages (each cached under OUT, so a rerun resumes):
 
     OMP_NUM_THREADS=1 python scripts/bench_personalization.py [--seeds 3] [--out runs/bench_ppd]
 
-Pinned to one torch thread. Machine facts go to OUT/results.json.
+Pinned to one torch thread. Results and machine facts go to OUT/results.json (OUT/results_scale1_zero.json
+for ``--negative zero``, and so on: each inference setting has its own sample caches and results).
 """
 
 from __future__ import annotations
@@ -45,13 +46,15 @@ def load_base() -> Any:
     return load_backbone(BASE)
 
 
-def ensure_clip(out: Path, seconds: float) -> Path:
+def ensure_clip(out: Path, seconds: float, steps: int = 1500) -> Path:
+    """The user encoder: the toy CLIP under OUT/toy_clip, trained here for ``steps`` (``seconds`` caps the
+    wall time; 0: no cap) unless the folder holds one already."""
     d = out / "toy_clip"
     if not (d / "config.json").exists():
         from diffalign.toyworld.clip import train_toy_clip
 
-        log("training the toy CLIP (user encoder)")
-        train_toy_clip(d, max_seconds=seconds, progress=False, eval_n=256)
+        log(f"training the toy CLIP (user encoder): {steps} steps" + (f", at most {seconds:.0f} s" if seconds else ""))
+        train_toy_clip(d, steps=steps, max_seconds=seconds or None, progress=False, eval_n=256)
     return d
 
 
@@ -86,10 +89,17 @@ def ensure_data(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ training
 
 
-def encoder_for(clip_dir: Path) -> Any:
-    from diffalign.personalization.encoder import CLIPPairEncoder
+ENCODER = "clip"  # the toy CLIP's pooled image embedding, or "clip_patches" (its patch features); --encoder
 
-    return CLIPPairEncoder.from_path(clip_dir)
+
+def encoder_spec(clip_dir: Path) -> str:
+    return f"{ENCODER}={clip_dir}"
+
+
+def encoder_for(clip_dir: Path) -> Any:
+    from diffalign.personalization.encoder import load_encoder
+
+    return load_encoder(encoder_spec(clip_dir))
 
 
 def ppd_config(args: argparse.Namespace, data: dict[str, Any], clip_dir: Path, seed: int, run: Path) -> Any:
@@ -99,11 +109,11 @@ def ppd_config(args: argparse.Namespace, data: dict[str, Any], clip_dir: Path, s
     from diffalign.toyworld.pairs import TOY_GUIDANCE
 
     return RunConfig.model_validate({
-        "model": {"path": str(BASE), "lora": True, "lora_rank": 4},
+        "model": {"path": str(BASE), "lora": True, "lora_rank": args.lora_rank},
         "data": {"train": str(data["train"]), "prompt_dropout": 0.1, "random_flip": False},
-        "objective": {"name": "ppd", "beta": args.beta, "encoder": f"clip={clip_dir}",
+        "objective": {"name": "ppd", "beta": args.beta, "encoder": encoder_spec(clip_dir),
                       "embed_dim": encoder_for(clip_dir).dim, "k": args.shots, "embedding_dropout": args.dropout,
-                      "tokens": args.tokens},
+                      "tokens": args.tokens, "train_lora": args.train_lora},
         "train": {
             "output_dir": str(run), "seed": seed, "steps": args.steps, "batch_size": args.batch, "lr": args.lr,
             "lr_scheduler": "constant_with_warmup", "warmup_steps": args.warmup_steps or max(1, args.steps // 20), "weight_decay": 0.0,
@@ -167,6 +177,9 @@ def profiles(users: list[Any], choices: dict[str, Any], enc: Any, k: int, seed: 
     return torch.stack(out)
 
 
+NEGATIVE = "same"  # the CFG unconditional branch's user embedding (generate_personalized); set by --negative
+
+
 def sample(bb: Any, prompts: list[str], emb: torch.Tensor | None, noise_seed: int, batch: int = 64) -> torch.Tensor:
     from diffalign.personalization.inject import generate_personalized
     from diffalign.toyworld.pairs import seeded_latents
@@ -176,7 +189,7 @@ def sample(bb: Any, prompts: list[str], emb: torch.Tensor | None, noise_seed: in
     for i in range(0, len(prompts), batch):
         e = None if emb is None else emb[i:i + batch]
         out.append(generate_personalized(bb, prompts[i:i + batch], e, latents=lat[i:i + batch], steps=EVAL_STEPS,
-                                         guidance_scale=GUIDANCE).cpu())
+                                         guidance_scale=GUIDANCE, negative=NEGATIVE).cpu())
     return torch.cat(out)
 
 
@@ -227,12 +240,14 @@ def evaluate(args: argparse.Namespace, data: dict[str, Any], clip_dir: Path, out
     from diffalign.toyworld.users import open_prompts, win_rate
 
     enc = encoder_for(clip_dir)
-    prompts = open_prompts(max(args.eval_seen, args.eval_unseen), seed=2)
+    prompts = open_prompts(max(args.eval_seen, args.eval_unseen, args.interp_prompts), seed=2)
     groups = {
         "seen": (data["seen"][: args.eval_seen_users], choices_by_user(data["train"], 32), args.eval_seen),
         "unseen": (data["unseen"], choices_by_user(data["shots"], 32), args.eval_unseen),
     }
     base = load_base()
+    # inference settings other than the default (scale 1, same embedding in CFG's negative) get their own caches
+    tag = eval_tag(args)
     res: dict[str, Any] = {}
     grid_rows = []
     wanted = args.eval_groups.split(",")
@@ -250,19 +265,29 @@ def evaluate(args: argparse.Namespace, data: dict[str, Any], clip_dir: Path, out
         if base_only:
             continue
         wins_vs_base, wins_vs_dpo, dpo_vs_base, gains, ppd_scores, dpo_scores = [], [], [], [], [], []
+        ref_scores = []  # "the same model without a profile" per seed: the base, or with --train-lora the LoRA model
         first_ppd = None
         for seed in sorted(ppd):
-            def run_ppd(seed: int = seed, rows_p: list[str] = rows_p, rows_e: torch.Tensor = rows_e,
-                        noise: int = noise) -> torch.Tensor:
-                bb = load_base()
-                load_injection(bb, ppd[seed])
-                return sample(bb, rows_p, rows_e, noise)
+            def ppd_model(seed: int = seed) -> Any:
+                bb = load_model(BASE, ppd[seed].parent / "lora", device="cpu") if args.train_lora else load_base()
+                load_injection(bb, ppd[seed], scale=args.scale)
+                return bb
 
-            img_ppd = cached(out / "eval" / f"ppd_{gname}_seed{seed}.pt", run_ppd)
+            def run_ppd(rows_p: list[str] = rows_p, rows_e: torch.Tensor = rows_e, noise: int = noise,
+                        ppd_model: Any = ppd_model) -> torch.Tensor:
+                return sample(ppd_model(), rows_p, rows_e, noise)
+
+            img_ppd = cached(out / "eval" / f"ppd_{gname}_seed{seed}{tag}.pt", run_ppd)
             s_ppd = user_scores(img_ppd, rows_u)
-            wins_vs_base.append(win_rate(s_ppd, s_base))
-            gains.append(float((s_ppd - s_base).mean()))
+            s_ref = s_base
+            if args.train_lora:  # the LoRA trained too: compare with that model (LoRA on) without a profile
+                s_ref = user_scores(cached(out / "eval" / f"ppd_{gname}_seed{seed}_noprofile.pt",
+                                           lambda rows_p=rows_p, noise=noise, ppd_model=ppd_model: sample(
+                                               ppd_model(), rows_p, None, noise)), rows_u)
+            wins_vs_base.append(win_rate(s_ppd, s_ref))
+            gains.append(float((s_ppd - s_ref).mean()))
             ppd_scores.append(s_ppd)
+            ref_scores.append(s_ref)
             first_ppd = img_ppd if first_ppd is None else first_ppd
             if seed not in dpo:
                 continue
@@ -277,12 +302,12 @@ def evaluate(args: argparse.Namespace, data: dict[str, Any], clip_dir: Path, out
         res[gname] = {
             "users": len(users), "samples_per_model": len(rows_p), "seeds": sorted(ppd),
             "ppd_vs_base": bootstrap_ci(torch.stack(wins_vs_base)),
-            "ppd_vs_dpo": bootstrap_ci(torch.stack(wins_vs_dpo)),
-            "dpo_vs_base": bootstrap_ci(torch.stack(dpo_vs_base)),
+            "ppd_vs_dpo": bootstrap_ci(torch.stack(wins_vs_dpo)) if dpo_scores else None,
+            "dpo_vs_base": bootstrap_ci(torch.stack(dpo_vs_base)) if dpo_scores else None,
             "ppd_vs_base_per_seed": [float(w.mean()) for w in wins_vs_base],
             "reward_gain_per_seed": gains,
-            "reward_gain_ppd": _interval(s_base.repeat(len(ppd_scores)), torch.cat(ppd_scores)),
-            "reward_gain_dpo": _interval(s_base.repeat(len(dpo_scores)), torch.cat(dpo_scores)),
+            "reward_gain_ppd": _interval(torch.cat(ref_scores), torch.cat(ppd_scores)),
+            "reward_gain_dpo": _interval(s_base.repeat(len(dpo_scores)), torch.cat(dpo_scores)) if dpo_scores else None,
             "dpo_seeds": sorted(dpo),
             "per_user_win_rate": {u.user_id: float(v) for u, v in zip(users, per_user, strict=True)},
             "users_above_50": int((per_user > 0.5).sum()),
@@ -292,22 +317,30 @@ def evaluate(args: argparse.Namespace, data: dict[str, Any], clip_dir: Path, out
             desc = users[ui].describe().split(", ")
             grid_rows.append((f"{gname} user {users[ui].user_id}\n" + "\n".join([", ".join(desc[:2]), ", ".join(desc[2:])]),
                               img_base[sl], first_ppd[sl]))
+        if args.probe:
+            continue
         if gname == "unseen" and 0 in ppd:  # control: each user sampled with ANOTHER user's profile
             shuffled = emb.roll(1, 0).repeat_interleave(n, 0)
 
             def run_wrong(rows_p: list[str] = rows_p, shuffled: torch.Tensor = shuffled, noise: int = noise) -> torch.Tensor:
                 bb = load_base()
-                load_injection(bb, ppd[0])
+                load_injection(bb, ppd[0], scale=args.scale)
                 return sample(bb, rows_p, shuffled, noise)
 
-            img_wrong = cached(out / "eval" / "ppd_unseen_seed0_wrong_profile.pt", run_wrong)
+            img_wrong = cached(out / "eval" / f"ppd_unseen_seed0_wrong_profile{tag}.pt", run_wrong)
             res[gname]["wrong_profile_vs_base_seed0"] = bootstrap_ci(win_rate(user_scores(img_wrong, rows_u), s_base)[None])
         if gname == "unseen":
-            res["interpolation"] = interpolate(users, emb, ppd[min(ppd)], prompts[: args.eval_unseen], out)
+            res["interpolation"] = interpolate(users, emb, ppd[min(ppd)], prompts[: args.interp_prompts], out,
+                                               args.scale, tag)
     if base_only or len(wanted) < 2:
         return res
     res["grid"] = str(grid_png(Path(args.grid), grid_rows))
     return res
+
+
+def eval_tag(args: argparse.Namespace) -> str:
+    """Cache and results suffix of the inference settings ('' for scale 1 with the same embedding in CFG's negative)."""
+    return "" if (args.scale, args.negative) == (1.0, "same") else f"_scale{args.scale:g}_{args.negative}"
 
 
 def _interval(a: torch.Tensor, b: torch.Tensor) -> list[float]:
@@ -318,7 +351,8 @@ def _interval(a: torch.Tensor, b: torch.Tensor) -> list[float]:
     return [iv.mean, iv.low, iv.high]
 
 
-def interpolate(users: list[Any], emb: torch.Tensor, injection: Path, prompts: list[str], out: Path) -> dict[str, Any]:
+def interpolate(users: list[Any], emb: torch.Tensor, injection: Path, prompts: list[str], out: Path,
+                scale: float = 1.0, tag: str = "") -> dict[str, Any]:
     """Mix the two most opposed users: e = a e_A + (1 - a) e_B; both users' mean rewards along a."""
     from diffalign.personalization.inject import load_injection
 
@@ -326,13 +360,13 @@ def interpolate(users: list[Any], emb: torch.Tensor, injection: Path, prompts: l
     cos = w @ w.T
     i, j = divmod(int(cos.argmin()), len(users))
     bb = load_base()
-    load_injection(bb, injection)
+    load_injection(bb, injection, scale=scale)
     out_rows = []
     base_img = cached(out / "eval" / "interp_base.pt", lambda: sample(load_base(), prompts, None, 779))
     ra0, rb0 = user_scores(base_img, [users[i]] * len(prompts)), user_scores(base_img, [users[j]] * len(prompts))
     for a in (0.0, 0.25, 0.5, 0.75, 1.0):
         e = (a * emb[i] + (1 - a) * emb[j]).expand(len(prompts), -1)
-        img = cached(out / "eval" / f"interp_{a:.2f}.pt", lambda e=e: sample(bb, prompts, e, 779))
+        img = cached(out / "eval" / f"interp_{a:.2f}{tag}.pt", lambda e=e: sample(bb, prompts, e, 779))
         ra, rb = user_scores(img, [users[i]] * len(prompts)), user_scores(img, [users[j]] * len(prompts))
         out_rows.append({"weight_on_A": a, "reward_A": float(ra.mean()), "reward_B": float(rb.mean()),
                          "win_A_vs_base": float((ra > ra0).float().mean()),
@@ -342,13 +376,18 @@ def interpolate(users: list[Any], emb: torch.Tensor, injection: Path, prompts: l
             "base_reward_B": float(rb0.mean()), "rows": out_rows}
 
 
-def _fmt(iv: list[float]) -> str:
+def _fmt(iv: list[float] | None) -> str:
+    if iv is None:
+        return "-"
     return f"{iv[0]:+.3f} [{iv[1]:+.3f}, {iv[2]:+.3f}]"
 
 
+def _ci(t: Any) -> str:
+    return "-" if t is None else f"{100 * t[0]:.1f}% [{100 * t[1]:.1f}, {100 * t[2]:.1f}]"
+
+
 def report(res: dict[str, Any]) -> str:
-    def ci(t: Any) -> str:
-        return f"{100 * t[0]:.1f}% [{100 * t[1]:.1f}, {100 * t[2]:.1f}]"
+    ci = _ci
 
     lines = ["| users | samples/model | PPD vs no profile | PPD vs DPO | DPO vs no profile | users with PPD > 50% "
              "| user-reward gain PPD | gain DPO |", "|---|---|---|---|---|---|---|---|"]
@@ -373,12 +412,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="runs/bench_ppd")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--seen-users", type=int, default=24)
-    ap.add_argument("--unseen-users", type=int, default=8)
+    ap.add_argument("--unseen-users", type=int, default=32)
     ap.add_argument("--pool", type=int, default=1024)
     ap.add_argument("--pairs-per-user", type=int, default=64)
     ap.add_argument("--shots", type=int, default=4)
-    ap.add_argument("--clip-seconds", type=float, default=110.0)
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--clip-seconds", type=float, default=0.0, help="wall-time cap on the toy CLIP's training (0: none)")
+    ap.add_argument("--clip-steps", type=int, default=1500, help="toy CLIP (user encoder) training steps")
+    ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--dpo-steps", type=int, default=400)
     ap.add_argument("--warmup-steps", type=int, default=0, help="PPD warm-up (0: steps / 20)")
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -386,23 +426,36 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--dropout", type=float, default=0.1)
     ap.add_argument("--tokens", type=int, default=4)
+    ap.add_argument("--encoder", choices=["clip", "clip_patches"], default="clip",
+                    help="user encoder on the toy CLIP: its image embedding, or its patch features (4 x 4 grid)")
+    ap.add_argument("--train-lora", action="store_true",
+                    help="train the LoRA with the injection (win rates only, --probe: against the LoRA model without "
+                         "a profile)")
+    ap.add_argument("--lora-rank", type=int, default=4)
+    ap.add_argument("--scale", type=float, default=1.0, help="injection scale at evaluation")
+    ap.add_argument("--negative", choices=["same", "zero"], default="zero",
+                    help="user embedding of CFG's unconditional branch at evaluation (zero: CFG amplifies the profile)")
     ap.add_argument("--eval-seen", type=int, default=64, help="eval prompts per seen user")
     ap.add_argument("--eval-seen-users", type=int, default=16, help="seen users evaluated")
     ap.add_argument("--eval-steps", type=int, default=10)
-    ap.add_argument("--dpo-seed-list", default=None, help="seeds of the DPO baseline (default: the PPD seeds)")
+    ap.add_argument("--dpo-seed-list", default=None, help="seeds of the DPO baseline (default: the PPD seeds; none: no baseline)")
     ap.add_argument("--eval-groups", default="seen,unseen", help="evaluate these user groups (a partial run fills caches)")
     ap.add_argument("--seed-list", default=None, help="comma-separated training seeds (default: 0..seeds-1)")
-    ap.add_argument("--eval-unseen", type=int, default=128, help="eval prompts per unseen user")
+    ap.add_argument("--eval-unseen", type=int, default=32, help="eval prompts per unseen user")
+    ap.add_argument("--interp-prompts", type=int, default=256, help="prompts for the interpolation of two users")
+    ap.add_argument("--probe", action="store_true", help="win rates only: no wrong-profile control, interpolation, grid")
     ap.add_argument("--grid", default="docs/results/personalization_grid.png")
     ap.add_argument("--stage", choices=["data", "eval-base", "train-ppd", "train-dpo", "train", "all"], default="all")
     args = ap.parse_args(argv)
+    if args.train_lora and not args.probe:
+        ap.error("--train-lora: only win rates are evaluated for such runs; add --probe")
     torch.set_num_threads(1)
-    global EVAL_STEPS
-    EVAL_STEPS = args.eval_steps
+    global EVAL_STEPS, NEGATIVE, ENCODER
+    EVAL_STEPS, NEGATIVE, ENCODER = args.eval_steps, args.negative, args.encoder
     seeds = [int(x) for x in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    clip_dir = ensure_clip(out, args.clip_seconds)
+    clip_dir = ensure_clip(out, args.clip_seconds, args.clip_steps)
     data = ensure_data(args, out)
     log(f"data ready: {data['train']} ({len(data['seen'])} seen users), {data['shots']}")
     if args.stage == "data":
@@ -417,17 +470,23 @@ def main(argv: list[str] | None = None) -> None:
     ppd = {s: train_ppd(args, data, clip_dir, s, out / f"ppd_seed{s}") for s in seeds}
     if args.stage == "train-ppd":
         return
-    dpo_seeds = [int(x) for x in args.dpo_seed_list.split(",")] if args.dpo_seed_list else seeds
+    dpo_seeds = (seeds if args.dpo_seed_list is None else
+                 [] if args.dpo_seed_list == "none" else [int(x) for x in args.dpo_seed_list.split(",")])
     dpo = {s: train_dpo(args, data, s, out) for s in dpo_seeds}
     if args.stage == "train":
         return
     res = evaluate(args, data, clip_dir, out, ppd, dpo)
     if "seen" not in res or "unseen" not in res:
+        for g in ("seen", "unseen"):
+            if g in res:
+                r = res[g]
+                log(f"{g}: PPD vs no profile {_ci(r['ppd_vs_base'])} (per seed {r['ppd_vs_base_per_seed']}), "
+                    f"gain {_fmt(r['reward_gain_ppd'])}, users > 50%: {r['users_above_50']}/{r['users']}")
         log(f"partial evaluation ({args.eval_groups}): caches filled; run again with both groups for the report")
         return
     res["settings"] = vars(args)
     res["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads()}
-    (out / "results.json").write_text(json.dumps(res, indent=2))
+    (out / f"results{eval_tag(args)}.json").write_text(json.dumps(res, indent=2))
     print(report(res))
 
 

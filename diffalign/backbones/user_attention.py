@@ -9,7 +9,12 @@ output projection (PPD, Dang et al. 2025; IP-Adapter, Ye et al. 2023)::
     out = to_out(Z') = to_out(Z) + scale * (to_out(U) - to_out(0))        to_out is affine: the same sum
 
 ``Q`` are the layer's own queries of the image tokens. Layers: every cross-attention ``attn2`` of the
-UNets (SD1.5/2.x/SDXL), the joint attention of every SD3 block, and the double-stream blocks of FLUX.
+UNets (SD1.5/2.x/SDXL), the joint attention of every SD3 block, and the double- and single-stream blocks
+of FLUX. A single-stream block attends over the text and image tokens together with one set of
+projections and has no output map of its own (its ``proj_out`` takes the attention output concatenated
+with the MLP branch), so there every token's query gets the user term, added to the attention output as
+it is (``Z' = Z + scale * softmax(Q (u W'_k)^T / sqrt(h)) (u W'_v)``; its keys are normalised by the
+layer's ``norm_k``); ``proj_out`` is linear, so this is the same decoupled sum.
 ``W'_v`` starts at zero, so a freshly installed injection is the base model exactly, and with
 ``scale == 0`` (or no user embedding in the conditioning) the original attention processor runs alone:
 the output is the unconditioned model's, bit for bit. Only ``W_p``, ``W'_k``, ``W'_v`` (and the
@@ -73,19 +78,22 @@ class UserProjection(nn.Module):
 
 
 def _kind(module: nn.Module, name: str, family: str) -> str | None:
-    """Which layers get a user branch: 'cross' (UNet attn2), 'joint' (SD3 blocks), 'flux' (FLUX double blocks)."""
+    """Which layers get a user branch: 'cross' (UNet attn2), 'joint' (SD3 blocks), 'flux' (FLUX double blocks),
+    'flux_single' (FLUX single-stream blocks)."""
     if family in ("sd", "sdxl"):
         return "cross" if name.endswith("attn2") and getattr(module, "is_cross_attention", False) else None
     if family == "sd3":
         return "joint" if name.startswith("transformer_blocks.") and name.endswith(".attn") else None
     if family == "flux":
+        if name.endswith(".attn") and name.startswith("single_transformer_blocks."):
+            return "flux_single"
         return "flux" if name.startswith("transformer_blocks.") and name.endswith(".attn") else None
     raise InjectionError(f"no user injection for backbone family {family!r}")
 
 
 def _text_key(attn: nn.Module, kind: str) -> nn.Linear:
     """The layer's text-key projection (the user keys copy its shape and initial weights)."""
-    lin = attn.to_k if kind == "cross" else attn.add_k_proj
+    lin = attn.to_k if kind in ("cross", "flux_single") else attn.add_k_proj
     return getattr(lin, "base_layer", lin)  # under a LoRA, the frozen base linear
 
 
@@ -118,7 +126,7 @@ class UserAttnProcessor(nn.Module):
         attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None,
         ip_hidden_states: torch.Tensor | None = None, temb: torch.Tensor | None = None,
     ) -> Any:
-        if self.kind == "flux":
+        if self.kind in ("flux", "flux_single"):
             out = self.base(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         else:
             kw = {"temb": temb} if temb is not None else {}
@@ -137,7 +145,12 @@ class UserAttnProcessor(nn.Module):
         q = _heads(attn.to_q(hidden_states), attn)
         tokens = tokens.to(self.to_k_user.weight.dtype)
         k, v = _heads(self.to_k_user(tokens), attn), _heads(self.to_v_user(tokens), attn)
-        if self.kind != "cross":  # SD3/FLUX normalise queries and context keys per head
+        if self.kind == "flux_single":  # one stream: the layer's own query and key norms
+            if getattr(attn, "norm_q", None) is not None:
+                q = attn.norm_q(q)
+            if getattr(attn, "norm_k", None) is not None:
+                k = attn.norm_k(k)
+        elif self.kind != "cross":  # SD3/FLUX normalise queries and context keys per head
             if getattr(attn, "norm_q", None) is not None:
                 q = attn.norm_q(q)
             if getattr(attn, "norm_added_k", None) is not None:
@@ -146,6 +159,8 @@ class UserAttnProcessor(nn.Module):
             q = attn.norm_q(q)
         q = q.to(k.dtype)
         u = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2).to(dtype)
+        if self.kind == "flux_single":  # no output map in the layer: proj_out (linear) follows in the block
+            return u
         lin = attn.to_out[0]
         delta = lin(u) - lin(torch.zeros_like(u[:1, :1]))
         return delta / float(getattr(attn, "rescale_output_factor", 1.0))
@@ -172,11 +187,14 @@ def has_injection(model: nn.Module) -> bool:
     return isinstance(getattr(_unwrap(model), "user_projection", None), UserProjection)
 
 
-def install_injection(backbone: Any, embed_dim: int, tokens: int = 4, scale: float = 1.0) -> InjectionConfig:
+def install_injection(backbone: Any, embed_dim: int, tokens: int = 4, scale: float = 1.0,
+                      layers: list[str] | None = None) -> InjectionConfig:
     """Add a user branch to every text-attention layer of ``backbone``'s denoiser (see module docstring).
 
     The new weights are trainable (``requires_grad``), fp32, on the denoiser's device; everything else
-    keeps its state. Returns the injection's config (what ``save_injection`` writes).
+    keeps its state. Returns the injection's config (what ``save_injection`` writes). ``layers``: only
+    these of the eligible layers (``load_injection`` passes a file's own list, so a FLUX injection saved
+    before the single-stream blocks had a branch still loads).
     """
     model = _unwrap(backbone.denoiser)
     if has_injection(model):
@@ -192,6 +210,8 @@ def install_injection(backbone: Any, embed_dim: int, tokens: int = 4, scale: flo
         kind = _kind(modules[mod_name], mod_name, family)
         if kind is not None:
             chosen[name] = (modules[mod_name], kind)
+    if layers is not None:
+        chosen = {n: v for n, v in chosen.items() if n.removesuffix(".processor") in set(layers)}
     if not chosen:
         raise InjectionError(f"{type(model).__name__}: no text-attention layer found for a user branch")
     token_dims = {_text_key(m, k).in_features for m, k in chosen.values()}
@@ -305,7 +325,8 @@ def load_injection(backbone: Any, path: str | Path, scale: float | None = None) 
     fam = family_of(backbone)
     if cfg.family and cfg.family != fam:
         raise InjectionError(f"{path}: injection trained for the {cfg.family} family, the model is {fam}")
-    new = install_injection(backbone, cfg.embed_dim, cfg.tokens, cfg.scale if scale is None else scale)
+    new = install_injection(backbone, cfg.embed_dim, cfg.tokens, cfg.scale if scale is None else scale,
+                            layers=cfg.layers or None)
     if new.layers != cfg.layers or new.token_dim != cfg.token_dim:
         remove_injection(backbone)
         raise InjectionError(f"{path}: saved for other attention layers ({len(cfg.layers)} layers, token dim "

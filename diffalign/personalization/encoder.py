@@ -78,10 +78,20 @@ def encode_in_batches(
 
 
 class CLIPPairEncoder:
-    """``g = normalize(f(w)) - normalize(f(lose))`` with ``f`` a CLIP image tower (``rewards.clip_backbone``)."""
+    """``g = normalize(f(w)) - normalize(f(lose))`` with ``f`` a CLIP image tower (``rewards.clip_backbone``).
 
-    def __init__(self, clip: Any, name: str = "clip") -> None:
-        self.clip, self.name = clip.eval().requires_grad_(False), name
+    ``features="pooled"`` (default): ``f`` is the image embedding (CLIP's projected pooled output).
+    ``features="patches"``: ``f`` is the image tower's last hidden states of the patch tokens, average-pooled
+    to a ``grid x grid`` map and flattened (``grid**2 * width`` values; IP-Adapter Plus's choice of patch
+    features): they keep where things are and how large, which the pooled embedding mostly averages away.
+    """
+
+    def __init__(self, clip: Any, name: str = "clip", features: str = "pooled", grid: int = 4) -> None:
+        if features not in ("pooled", "patches"):
+            raise EncoderError(f"{name}: CLIP features must be 'pooled' or 'patches', got {features!r}")
+        if grid < 1:
+            raise EncoderError(f"{name}: patch grid must be >= 1, got {grid}")
+        self.clip, self.name, self.features, self.grid = clip.eval().requires_grad_(False), name, features, grid
         with torch.no_grad():
             self.dim = int(self._features(torch.zeros(1, 3, clip.image_size, clip.image_size)).shape[-1])
 
@@ -89,7 +99,32 @@ class CLIPPairEncoder:
         from rewards.preprocess import clip_preprocess
 
         dev = next(self.clip.parameters()).device
-        return F.normalize(self.clip.encode_image(clip_preprocess(images.float().to(dev), self.clip.image_size)).float(), dim=-1)
+        pixels = clip_preprocess(images.float().to(dev), self.clip.image_size)
+        if self.features == "patches":
+            return F.normalize(self._patches(pixels).float().flatten(1), dim=-1)
+        return F.normalize(self.clip.encode_image(pixels).float(), dim=-1)
+
+    def _patches(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Patch tokens of the image tower's last layer, pooled to ``[B, grid, grid, width]``."""
+        model = getattr(self.clip, "model", None)
+        vision = getattr(model, "vision_model", None)
+        if vision is not None:  # transformers CLIPModel: [B, 1 + n*n, width], the class token first
+            tokens = vision(pixel_values=pixels.to(next(vision.parameters()).dtype)).last_hidden_state[:, 1:]
+        elif hasattr(getattr(model, "visual", None), "output_tokens"):  # open_clip VisionTransformer
+            visual = model.visual
+            old, visual.output_tokens = visual.output_tokens, True
+            try:
+                tokens = visual(pixels.to(next(visual.parameters()).dtype))[1]
+            finally:
+                visual.output_tokens = old
+        else:
+            raise EncoderError(f"{self.name}: patch features need a ViT image tower (transformers CLIPModel or "
+                               "open_clip VisionTransformer)")
+        n = int(round(tokens.shape[1] ** 0.5))
+        if n * n != tokens.shape[1]:
+            raise EncoderError(f"{self.name}: {tokens.shape[1]} patch tokens do not form a square grid")
+        grid = tokens.reshape(tokens.shape[0], n, n, -1).permute(0, 3, 1, 2)
+        return F.adaptive_avg_pool2d(grid.float(), min(self.grid, n)).permute(0, 2, 3, 1)
 
     @torch.no_grad()
     def encode_triples(self, prompts: list[str], preferred: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
@@ -97,7 +132,8 @@ class CLIPPairEncoder:
         return self._features(preferred) - self._features(rejected)
 
     @classmethod
-    def from_path(cls, path: str | Path, model_name: str | None = None, device: str | torch.device = "cpu") -> CLIPPairEncoder:
+    def from_path(cls, path: str | Path, model_name: str | None = None, device: str | torch.device = "cpu",
+                  features: str = "pooled", grid: int = 4) -> CLIPPairEncoder:
         """A transformers CLIPModel folder, or an open_clip state-dict file (``model_name`` its config)."""
         from rewards.clip_backbone import load_clip_backbone
 
@@ -108,8 +144,11 @@ class CLIPPairEncoder:
             clip = load_clip_backbone(p, model_name=model_name, reward="user encoder")
         except Exception as e:  # noqa: BLE001  (RewardLoadError and the libraries' own)
             raise EncoderError(f"user encoder: cannot load CLIP image features from {p}: {e}") from e
-        spec = f"open_clip={p}@{model_name}" if model_name else f"clip={p}"
-        return cls(clip.to(device), name=spec)
+        kind = ("open_clip" if model_name else "clip") + ("_patches" if features == "patches" else "")
+        spec = f"{kind}={p}@{model_name}" if model_name else f"{kind}={p}"
+        if features == "patches" and grid != 4:
+            spec += f"#{grid}"
+        return cls(clip.to(device), name=spec, features=features, grid=grid)
 
 
 DEFAULT_TEMPLATE = "Prompt: {prompt}\nPreferred: {image}\nRejected: {image}\n"
@@ -173,20 +212,32 @@ class VLMEncoder:
 
 
 def load_encoder(spec: str, device: str | torch.device = "cpu") -> TripleEncoder:
-    """``clip=FOLDER`` | ``open_clip=FILE@MODEL_NAME`` | ``vlm=FOLDER`` (a bare path means ``clip=``)."""
+    """``clip=FOLDER`` | ``open_clip=FILE@MODEL_NAME`` | ``vlm=FOLDER`` (a bare path means ``clip=``).
+
+    ``clip_patches=FOLDER`` and ``open_clip_patches=FILE@MODEL_NAME`` use the patch features
+    (``CLIPPairEncoder``, ``features="patches"``) on a 4 x 4 grid; ``#N`` at the end sets an N x N grid."""
     kind, sep, rest = spec.partition("=")
     if not sep:
         kind, rest = "clip", spec
+    features, grid = "pooled", 4
+    if kind in ("clip_patches", "open_clip_patches"):
+        kind, features = kind.removesuffix("_patches"), "patches"
+        rest, hash_, g = rest.rpartition("#") if "#" in rest else (rest, "", "")
+        if hash_:
+            if not g.isdigit() or int(g) < 1:
+                raise EncoderError(f"user encoder {spec!r}: the patch grid after '#' must be a positive integer")
+            grid = int(g)
     if kind == "clip":
-        return CLIPPairEncoder.from_path(rest, device=device)
+        return CLIPPairEncoder.from_path(rest, device=device, features=features, grid=grid)
     if kind == "open_clip":
         path, at, name = rest.rpartition("@")
         if not at:
             raise EncoderError(f"user encoder {spec!r}: open_clip needs FILE@MODEL_NAME, e.g. open_clip=w.bin@ViT-H-14")
-        return CLIPPairEncoder.from_path(path, model_name=name, device=device)
+        return CLIPPairEncoder.from_path(path, model_name=name, device=device, features=features, grid=grid)
     if kind == "vlm":
         return VLMEncoder.from_pretrained(rest, device=device)
-    raise EncoderError(f"user encoder {spec!r}: unknown kind {kind!r} (clip, open_clip or vlm)")
+    raise EncoderError(f"user encoder {spec!r}: unknown kind {kind!r} (clip, clip_patches, open_clip, "
+                       "open_clip_patches or vlm)")
 
 
 # ------------------------------------------------------------------ reference-image encoders (ID-Aligner)

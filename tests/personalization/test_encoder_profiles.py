@@ -109,6 +109,34 @@ def test_open_clip_encoder(open_clip_file, monkeypatch):
         load_encoder(f"open_clip={path}")
 
 
+def test_clip_patch_features(clip_dir, open_clip_file, monkeypatch):
+    """Patch features: the last layer's patch tokens pooled to a grid; order-free; the grid is set by '#N'."""
+    enc = load_encoder(f"clip_patches={clip_dir}")
+    width = enc.clip.model.config.vision_config.hidden_size
+    n = enc.clip.image_size // enc.clip.model.config.vision_config.patch_size
+    assert enc.name == f"clip_patches={clip_dir}" and enc.dim == min(4, n) ** 2 * width
+    _order_free(enc)
+    pooled = load_encoder(f"clip={clip_dir}")
+    prompts, w, lose = _triples(2)
+    assert not torch.allclose(enc.encode_triples(prompts, w, lose)[:, :pooled.dim], pooled.encode_triples(prompts, w, lose))
+    one = load_encoder(f"clip_patches={clip_dir}#1")  # a 1 x 1 grid: the mean patch token
+    assert one.dim == width and one.name.endswith("#1")
+    toks = one.clip.model.vision_model(pixel_values=torch.zeros(1, 3, enc.clip.image_size, enc.clip.image_size))
+    assert toks.last_hidden_state.shape[1] == n * n + 1
+    for bad in ("#0", "#x"):
+        with pytest.raises(EncoderError, match="positive integer"):
+            load_encoder(f"clip_patches={clip_dir}{bad}")
+    with pytest.raises(EncoderError, match="'pooled' or 'patches'"):
+        CLIPPairEncoder.from_path(clip_dir, features="tokens")
+    path, cfg = open_clip_file
+    import open_clip
+
+    monkeypatch.setattr(open_clip, "get_model_config", lambda name: cfg if name == "tiny" else None)
+    oc = load_encoder(f"open_clip_patches={path}@tiny")
+    assert oc.name == f"open_clip_patches={path}@tiny" and oc.dim > 0
+    _order_free(oc)
+
+
 def test_vlm_encoder_tiny_llava(vlm_dir):
     enc = VLMEncoder.from_pretrained(vlm_dir)
     assert enc.dim == 24

@@ -132,3 +132,61 @@ def test_personalized_sampling_uses_the_profile_in_both_branches(family):
     assert not torch.allclose(mine, plain, atol=1e-5)
     assert torch.equal(again, plain)  # the context restored the backbone
     assert torch.equal(zero, plain)
+
+
+def test_flux_single_stream_blocks_get_the_user_branch():
+    """FLUX's single-stream blocks (text and image tokens in one stream, no output map) carry the user branch
+    too: scale 0 is the unconditioned model exactly, and the single block alone changes the output."""
+    bb = _backbone("flux")
+    x, t, cond, e = _inputs(bb)
+    with torch.no_grad():
+        base = bb.predict(x, t, cond)
+        cfg = install_injection(bb, embed_dim=D, tokens=2)
+        single = [n for n in cfg.layers if n.startswith("single_transformer_blocks.")]
+        double = [n for n in cfg.layers if n.startswith("transformer_blocks.")]
+        assert single and double and len(single) + len(double) == len(cfg.layers)
+        procs = user_processors(bb.denoiser)
+        assert {procs[n + ".processor"].kind for n in single} == {"flux_single"}
+        _perturb(bb)
+        set_scale(bb, 0.0)
+        assert torch.equal(bb.predict(x, t, with_user(cond, e)), base)
+        set_scale(bb, 1.0)
+        for n in double:  # only the single-stream branch acts
+            procs[n + ".processor"].scale = 0.0
+        only_single = bb.predict(x, t, with_user(cond, e))
+        assert not torch.allclose(only_single, base, atol=1e-5)
+        for n in single:
+            procs[n + ".processor"].scale = 0.0
+        assert torch.equal(bb.predict(x, t, with_user(cond, e)), base)
+
+
+def test_flux_injection_saved_without_single_blocks_still_loads(tmp_path):
+    """A FLUX injection whose file lists only the double-stream blocks (saved before single-stream blocks had a
+    branch) loads onto those layers alone; a file naming a layer the model lacks is refused."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    bb = _backbone("flux")
+    x, t, cond, e = _inputs(bb)
+    cfg = install_injection(bb, embed_dim=D, tokens=2)
+    _perturb(bb)
+    path = save_injection(bb, tmp_path / "u.safetensors")
+    state = {k: v for k, v in load_file(str(path)).items() if not k.startswith("single_transformer_blocks.")}
+    double = [n for n in cfg.layers if n.startswith("transformer_blocks.")]
+    meta = {"format": "diffalign.user_injection",
+            "config": json.dumps({**cfg.__dict__, "layers": double})}
+    save_file(state, str(tmp_path / "old.safetensors"), metadata=meta)
+    for n in cfg.layers:
+        if n not in double:
+            user_processors(bb.denoiser)[n + ".processor"].scale = 0.0
+    with torch.no_grad():
+        want = bb.predict(x, t, with_user(cond, e))
+    fresh = _backbone("flux")
+    assert load_injection(fresh, tmp_path / "old.safetensors").layers == double
+    with torch.no_grad():
+        assert torch.equal(fresh.predict(x, t, with_user(cond, e)), want)
+    meta["config"] = json.dumps({**cfg.__dict__, "layers": [*double, "transformer_blocks.9.attn"]})
+    save_file(state, str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(InjectionError, match="other attention layers"):
+        load_injection(_backbone("flux"), tmp_path / "bad.safetensors")

@@ -95,6 +95,10 @@ def test_sample_with_profile_cli(tmp_path, capsys):
         return np.asarray(Image.open(sorted((tmp_path / d).glob("0*.png"))[0]), dtype=np.float32)
 
     assert np.abs(img("plain") - img("mix")).max() > 0
+    # the default CFG negative is the zero embedding; --profile-negative same puts the profile in both branches
+    assert main([*base, "--out", str(tmp_path / "same"), "--profile", f"{a}:0.7,{b}:0.3", "--injection", str(inj),
+                 "--profile-negative", "same"]) == 0
+    assert np.abs(img("same") - img("mix")).max() > 0 and np.abs(img("same") - img("plain")).max() > 0
     capsys.readouterr()
     assert main([*base, "--out", str(tmp_path / "bad"), "--profile", f"{a}:0.7,{b}:x", "--injection", str(inj)]) == 2
     assert "weight 'x' is not a number" in capsys.readouterr().err
