@@ -83,10 +83,12 @@ class GoldMonitor:
             return None
         last = self.history[-1]
         for n in self.gold_names:
-            best = max(h[n] for h in self.history)
+            top = max(self.history, key=lambda h: h[n])  # the first row with the best value
+            best = top[n]
             if best - last[n] > self.drop:
-                return (f"early stop: gold reward {n[5:]} fell from its best {best:.4f} to {last[n]:.4f} at step "
-                        f"{last['step']} (more than early_stop_on_gold_drop={self.drop})")
+                return (f"early stop: gold reward {n[5:]} fell from its best {best:.4f} (step {top['step']}) to "
+                        f"{last[n]:.4f} at step {last['step']} (more than early_stop_on_gold_drop={self.drop}); "
+                        f"the weights of step {top['step']} are the checkpoint of that step, when one was saved")
         return None
 
     def plot(self, path: str | Path | None = None) -> Path | None:

@@ -23,6 +23,7 @@ def test_gold_monitor_scores_logs_and_stops(tmp_path):
     mon.history.append({**row, "step": 10, "gold/dark": row["gold/dark"] - 0.1})
     reason = mon.should_stop()
     assert reason and "gold reward dark fell" in reason and "step 10" in reason
+    assert "(step 0)" in reason and "weights of step 0" in reason  # names the step of the best value
     assert mon.plot().is_file()
     # a resumed run reads the history back
     lines = [json.loads(x) for x in (tmp_path / "gold.jsonl").read_text().splitlines()]
