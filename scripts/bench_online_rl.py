@@ -4,7 +4,7 @@ scored on held-out prompts with the precise protocol (the same samples as ``scri
     OMP_NUM_THREADS=1 python scripts/bench_online_rl.py --base sd --method nft --seeds 0,1,2 --minutes 8 \\
         --curve-every-min 1 --out runs/online_rl
 
-Each run trains a rank-8 LoRA with AdamW for a budget of CPU minutes of this process (``time.process_time``,
+Each run trains a LoRA (rank 8 by default) with AdamW for a budget of CPU minutes of this process (``time.process_time``,
 one thread: the same work on a loaded or an idle machine) or ``--updates``, one optimizer update per ``loss``
 call (the objective's rollout refills its buffer when it empties), on train-split prompts drawn by seed
 (``--two-object``: the fraction of two-object scenes; the held-out protocol is 79% two-object).
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace, seed: int, rs: dict, base: dict, base_curve: d
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     bb = load_backbone(Path(args.base_dir) / args.base)
-    add_lora(bb, rank=8)
+    add_lora(bb, rank=args.rank)
     obj = build_objective(args.method, args)
     obj.setup(bb, reward=rs[args.reward])
     params = bb.trainable_parameters()
@@ -182,6 +182,7 @@ def main() -> None:
     p.add_argument("--early-stop-drop", type=float, default=None,
                    help="stop when --gold on the curve falls more than this below its best point (needs --curve-every-min)")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank")
     p.add_argument("--batch", type=int, default=8, help="prompts per rollout")
     p.add_argument("--group", type=int, default=4, help="samples per prompt")
     p.add_argument("--rollout-steps", type=int, default=10)
@@ -201,7 +202,7 @@ def main() -> None:
     p.add_argument("--curve-seeds", type=int, default=4)
     p.add_argument("--out", default="runs/online_rl")
     args = p.parse_args()
-    for flag in ("minutes", "lr", "batch", "group", "rollout_steps", "train_prompts", "eval_prompts", "eval_seeds",
+    for flag in ("minutes", "lr", "rank", "batch", "group", "rollout_steps", "train_prompts", "eval_prompts", "eval_seeds",
                  "curve_prompts", "curve_seeds"):
         if getattr(args, flag) <= 0:
             p.error(f"--{flag.replace('_', '-')} must be positive (got {getattr(args, flag)})")
