@@ -69,16 +69,23 @@ def run_demo(args: argparse.Namespace) -> int:
     run_dir = out / "dpo"
     cfg = run_config(model, pairs_dir / "pairs.jsonl", run_dir, "dpo", seed=args.seed, steps=args.steps,
                      checkpoint_every=args.checkpoint_every)
-    res = train(cfg, resume="auto") if not (run_dir / "final" / "lora").exists() else {"weights": str(run_dir / "final" / "lora")}
+    if (run_dir / "final" / "lora").exists():
+        print(f"reusing the DPO LoRA in {run_dir / 'final'} (delete {run_dir} to train it again)")
+        res = {"weights": str(run_dir / "final" / "lora")}
+    else:
+        res = train(cfg, resume="auto")
 
     nft_dir, nft_weights = out / "nft", None
     if args.online_steps > 0:
         print(f"\nDiffusionNFT, online: {args.online_steps} steps; the policy samples 8 train prompts x 4 images, "
-              f"{args.target} scores them, the LoRA learns from its own best and worst")
+              f"{args.target} scores them, the LoRA learns from its own better and worse samples")
         ocfg = online_run_config(model, nft_dir, "nft", seed=args.seed, steps=args.online_steps, reward=args.target,
                                  checkpoint_every=max(1, args.online_steps // 4))
-        nft_weights = (train(ocfg, resume="auto")["weights"] if not (nft_dir / "final" / "lora").exists()
-                       else str(nft_dir / "final" / "lora"))
+        if (nft_dir / "final" / "lora").exists():
+            print(f"reusing the NFT LoRA in {nft_dir / 'final'} (delete {nft_dir} to train it again)")
+            nft_weights = str(nft_dir / "final" / "lora")
+        else:
+            nft_weights = train(ocfg, resume="auto")["weights"]
 
     names = list(ORACLES) + ["toy_aesthetic"]
     rs = load_rewards(names)
