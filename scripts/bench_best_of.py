@@ -6,7 +6,8 @@ Sample i of the protocol (256 held-out prompts x 4 seeds by default) gets k cand
 protocol's own sample (noise seed 1234, the base's evaluation sample), candidate j the same prompt from
 noise seed 1234 + j; the reward (``--reward``, default ``toy_shape``) picks the best, and every oracle is
 reported for the picked image, paired with the base sample (candidate 0) with a bootstrap 95% interval.
-Per-candidate scores are cached under OUT/scores, so a rerun costs nothing; OUT/results.json holds the table.
+Per-candidate scores are cached under OUT/scores (with the base and protocol they belong to: a rerun with
+another base or protocol into the same OUT is refused), so a rerun costs nothing; OUT/results.json holds the table.
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eval-seeds", type=int, default=4)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    if args.k < 1:
-        ap.error(f"--k must be at least 1 (got {args.k})")
+    for flag in ("k", "eval_prompts", "eval_seeds"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)})")
     if not (Path(args.base) / "model_index.json").is_file():
         ap.error(f"--base {args.base}: not a pipeline folder (no model_index.json)")
     torch.set_num_threads(1)
@@ -49,6 +51,13 @@ def main(argv: list[str] | None = None) -> dict:
     rs = load_rewards(list(ORACLES))
     proto = precise.Protocol(prompts=args.eval_prompts, seeds=args.eval_seeds)
     out = Path(args.out)
+    meta = {"base_dir": str(Path(args.base).resolve()), "protocol": proto.as_dict(), "metrics": sorted(rs)}
+    meta_file = out / "scores" / "meta.json"
+    if meta_file.is_file() and json.loads(meta_file.read_text()) != meta:
+        ap.error(f"--out {out}: its cached candidate scores are for another base or protocol ({meta_file}); "
+                 "choose a new --out")
+    meta_file.parent.mkdir(parents=True, exist_ok=True)
+    meta_file.write_text(json.dumps(meta))
     bb = None
     cands = []
     for j in range(args.k):

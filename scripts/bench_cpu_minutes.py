@@ -11,8 +11,8 @@ machine with ``time.process_time`` (one thread): ``--cost-steps`` DPO steps thro
 on the same pairs and settings (batch 16, LoRA rank 8, lr 1e-3), and ``--cost-prompts`` prompts x k images
 sampled and labelled as the pairs were (20 steps, CFG 5), scaled to the pair sample's size. The online curves
 come from ``scripts/bench_online_rl.py --curve-every-min`` (the same curve protocol; their x-axis already is
-their training CPU, rollouts included). DPO's costs are kept in OUT.costs.json and reused by a rerun (delete
-it to measure again). Writes OUT.json and OUT.png (gain and its 95% band for DPO, per-seed
+their training CPU, rollouts included). DPO's costs are kept in OUT.costs.json with the setting they were measured
+in, and reused by a rerun with the same base, pairs and measurement sizes (otherwise measured again). Writes OUT.json and OUT.png (gain and its 95% band for DPO, per-seed
 lines for the online runs).
 """
 
@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cost-prompts", type=int, default=64)
     ap.add_argument("--out", required=True, help="OUT.json and OUT.png are written")
     args = ap.parse_args(argv)
+    for flag in ("cost_steps", "cost_prompts"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)})")
     online: dict[str, list[dict]] = {}
     folders: dict[str, list[Path]] = {}
     for spec in args.online:
@@ -90,13 +93,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     precise_dir = Path(args.precise)
     meta = json.loads((precise_dir / "pairs" / "pairs_meta.json").read_text())
-    cost_file = Path(args.out).with_suffix(".costs.json")  # measured once; delete it to measure again
-    if cost_file.is_file():
-        costs = json.loads(cost_file.read_text())
+    # measured once per setting; reused only for the same base, pairs and measurement sizes
+    cost_file = Path(args.out).with_suffix(".costs.json")
+    setting = {"base": str(Path(args.base).resolve()), "pairs": str((precise_dir / "pairs").resolve()),
+               "cost_steps": args.cost_steps, "cost_prompts": args.cost_prompts}
+    cached = json.loads(cost_file.read_text()) if cost_file.is_file() else {}
+    if cached.get("setting") == setting:
+        costs = {k: cached[k] for k in ("step_cpu_s", "pair_prompt_cpu_s")}
     else:
         costs = dpo_costs(Path(args.base), precise_dir / "pairs", args.cost_steps, args.cost_prompts, int(meta["k"]))
         cost_file.parent.mkdir(parents=True, exist_ok=True)
-        cost_file.write_text(json.dumps(costs, indent=1))
+        cost_file.write_text(json.dumps({**costs, "setting": setting}, indent=1))
     pair_min = costs["pair_prompt_cpu_s"] * meta["pairs"] / 60
     curve = dpo_curve(precise_dir, args.target)
     base = curve[0][0]

@@ -19,7 +19,9 @@ proxy beside the oracles ("gold"). ``--early-stop-drop D`` stops a run when ``--
 its best curve point (the rule of the loop's ``reward.early_stop_on_gold_drop``) and evaluates the best point.
 
 Per run: ``OUT/<method>_seed<S>/`` holds the LoRA (``lora/``), the per-sample scores (``scores.pt``) and the
-curve; ``OUT/results.jsonl`` gets one line per run and a table goes to stdout. The objective is driven
+curve; ``OUT/results.jsonl`` gets one line per run and a table goes to stdout. A seed whose folder already holds
+a finished run is refused (choose a new ``--out``); the base's scores are cached under ``OUT/scores`` and
+reused only for the same base folder, protocol and metrics. The objective is driven
 directly (not through ``train()``), so the numbers measure the method, not the loop.
 """
 
@@ -52,14 +54,21 @@ def build_objective(method: str, args: argparse.Namespace):
     raise ValueError(method)
 
 
-def scores_of(bb, proto, rs: dict, path: Path, desc: str) -> dict[str, torch.Tensor]:
+def base_scores(base_dir: Path, proto, rs: dict, path: Path, desc: str) -> dict[str, torch.Tensor]:
+    """The base model's per-sample scores on ``proto``, cached at ``path`` with a sidecar ``.json`` naming the
+    base folder, the protocol and the metrics: a cache made for another base, protocol or metric set is
+    scored again, never reused."""
+    from diffalign.backbones import load_backbone
     from diffalign.bench import precise
 
-    if path.is_file():
+    meta = {"base_dir": str(base_dir.resolve()), "protocol": proto.as_dict(), "metrics": sorted(rs)}
+    side = path.with_suffix(".json")
+    if path.is_file() and side.is_file() and json.loads(side.read_text()) == meta:
         return torch.load(path, weights_only=True)
-    s = precise.sample_scores(bb, proto, rs, desc=desc)
+    s = precise.sample_scores(load_backbone(base_dir), proto, rs, desc=desc)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(s, path)
+    side.write_text(json.dumps(meta))
     return s
 
 
@@ -70,7 +79,7 @@ def run(args: argparse.Namespace, seed: int, rs: dict, base: dict, base_curve: d
     from diffalign.toyworld import shapes
 
     run_dir = Path(args.out) / f"{args.method}_seed{seed}"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)  # main() refused a folder that holds a finished run
     torch.manual_seed(seed)
     bb = load_backbone(Path(args.base_dir) / args.base)
     add_lora(bb, rank=args.rank)
@@ -136,7 +145,8 @@ def run(args: argparse.Namespace, seed: int, rs: dict, base: dict, base_curve: d
         kept_step = best[1]
         _lora_restore(bb, best[2])
     save_lora(bb, run_dir / "lora")
-    tuned = scores_of(bb, proto, rs, run_dir / "scores.pt", f"seed {seed}")
+    tuned = precise.sample_scores(bb, proto, rs, desc=f"seed {seed}")
+    torch.save(tuned, run_dir / "scores.pt")
     out = {"method": args.method, "base": args.base, "seed": seed, "reward": args.reward, "updates": step,
            "kept_step": kept_step, "early_stopped": stopped, "rollouts": obj.rollouts,
            "train_cpu_min": round(train_s / 60, 3), "train_wall_min": round(wall_s / 60, 2),
@@ -206,6 +216,10 @@ def main() -> None:
                  "curve_prompts", "curve_seeds"):
         if getattr(args, flag) <= 0:
             p.error(f"--{flag.replace('_', '-')} must be positive (got {getattr(args, flag)})")
+    for flag in ("updates", "curve_every_min", "early_stop_drop"):
+        v = getattr(args, flag)
+        if v is not None and v < 0:
+            p.error(f"--{flag.replace('_', '-')} must not be negative (got {v})")
     if not 0 <= args.two_object <= 1:
         p.error(f"--two-object is a fraction in [0, 1] (got {args.two_object})")
     if args.early_stop_drop is not None and args.curve_every_min <= 0:
@@ -214,8 +228,15 @@ def main() -> None:
         seeds = [int(x) for x in args.seeds.split(",") if x]
     except ValueError:
         p.error(f"--seeds: {args.seeds!r} is not a comma-separated list of integers")
+    base_dir = Path(args.base_dir) / args.base
+    if not (base_dir / "model_index.json").is_file():
+        p.error(f"--base-dir/--base: {base_dir} is not a pipeline folder (no model_index.json)")
+    done = [Path(args.out) / f"{args.method}_seed{s}" for s in seeds
+            if (Path(args.out) / f"{args.method}_seed{s}" / "result.json").is_file()]
+    if done:
+        p.error(f"--out {args.out}: {', '.join(map(str, done))} already holds a finished run; choose a new --out "
+                "(results are never overwritten or mixed)")
     torch.set_num_threads(1)
-    from diffalign.backbones import load_backbone
     from diffalign.bench import precise
     from diffalign.bench.experiment import load_rewards
 
@@ -226,20 +247,13 @@ def main() -> None:
         p.error(f"--reward/--target/--gold: {e}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    base_bb = None
     proto = precise.Protocol(prompts=args.eval_prompts, seeds=args.eval_seeds)
-    tag = f"{args.base}_{proto.prompts}x{proto.seeds}"
-    if not (out / "scores" / f"base_{tag}.pt").is_file():
-        base_bb = load_backbone(Path(args.base_dir) / args.base)
-    base = scores_of(base_bb, proto, rs, out / "scores" / f"base_{tag}.pt", "base")
+    base = base_scores(base_dir, proto, rs, out / "scores" / f"base_{args.base}_{proto.prompts}x{proto.seeds}.pt", "base")
     base_curve = None
     if args.curve_every_min > 0:
         cp = precise.Protocol(prompts=args.curve_prompts, seeds=args.curve_seeds)
-        path = out / "scores" / f"base_curve_{args.base}_{cp.prompts}x{cp.seeds}.pt"
-        if not path.is_file() and base_bb is None:
-            base_bb = load_backbone(Path(args.base_dir) / args.base)
-        base_curve = scores_of(base_bb, cp, rs, path, "base (curve)")
-    del base_bb
+        base_curve = base_scores(base_dir, cp, rs, out / "scores" / f"base_curve_{args.base}_{cp.prompts}x{cp.seeds}.pt",
+                                 "base (curve)")
     for s in seeds:
         res = run(args, s, rs, base, base_curve)
         res["args"] = {k: v for k, v in vars(args).items() if k not in ("seeds", "out")}

@@ -45,6 +45,10 @@ def test_prompt_mix_holds_the_asked_two_object_fraction_and_stays_in_its_split(f
     (["--early-stop-drop", "0.02"], "--curve-every-min"),
     (["--seeds", "0,x"], "--seeds"),
     (["--reward", "no_such_reward"], "--reward"),
+    (["--updates", "-1"], "--updates"),
+    (["--curve-every-min", "-1"], "--curve-every-min"),
+    (["--curve-every-min", "1", "--early-stop-drop", "-0.1"], "--early-stop-drop"),
+    (["--base-dir", "/nonexistent"], "--base-dir"),
 ])
 def test_bad_flags_are_refused_before_any_work(tmp_path, monkeypatch, capsys, flags, msg):
     out = tmp_path / "out"
@@ -156,3 +160,50 @@ def test_plot_online_curves_draws_runs_and_refuses_a_missing_metric(tmp_path, ca
     with pytest.raises(SystemExit):
         plot.main(["--run", f"a={run}", "--metrics", "toy_shape", "--out", str(tmp_path / "q.png")])
     assert "toy_shape" in capsys.readouterr().err and not (tmp_path / "q.png").exists()
+
+
+def test_a_finished_run_is_never_overwritten_or_mixed(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    (out / "nft_seed1").mkdir(parents=True)
+    (out / "nft_seed1" / "result.json").write_text("{}")
+    monkeypatch.setattr(sys, "argv", ["bench_online_rl.py", "--out", str(out), "--seeds", "0,1"])
+    with pytest.raises(SystemExit):
+        online.main()
+    assert "nft_seed1" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["nft_seed1"]
+
+
+def test_base_scores_are_recomputed_for_another_metric_set(tmp_path, monkeypatch):
+    from diffalign.bench import precise
+
+    calls = []
+
+    def fake(bb, proto, rs, desc=""):
+        calls.append(sorted(rs))
+        return {k: torch.zeros(proto.n) for k in rs}
+
+    monkeypatch.setattr(precise, "sample_scores", fake)
+    monkeypatch.setattr("diffalign.backbones.load_backbone", lambda d: None)
+    proto = precise.Protocol(prompts=4, seeds=1)
+    path = tmp_path / "base.pt"
+    online.base_scores(tmp_path, proto, {"a": None}, path, "")
+    online.base_scores(tmp_path, proto, {"a": None}, path, "")  # same: served by the cache
+    online.base_scores(tmp_path, proto, {"a": None, "b": None}, path, "")  # another metric set: scored again
+    online.base_scores(tmp_path, precise.Protocol(prompts=8, seeds=1), {"a": None, "b": None}, path, "")
+    assert calls == [["a"], ["a", "b"], ["a", "b"]]
+
+
+def test_best_of_refuses_an_out_folder_cached_for_another_base(tmp_path, capsys):
+    best_of = _load("bench_best_of")
+    out = tmp_path / "o"
+    (out / "scores").mkdir(parents=True)
+    (out / "scores" / "meta.json").write_text(json.dumps({"base_dir": "/elsewhere"}))
+    with pytest.raises(SystemExit):
+        best_of.main(["--base", str(ROOT / "diffalign" / "toyworld" / "base" / "sd"), "--out", str(out)])
+    assert "--out" in capsys.readouterr().err
+
+
+def test_cpu_minutes_refuses_a_zero_measurement_size(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cpu_minutes.main(["--precise", str(tmp_path), "--cost-steps", "0", "--out", str(tmp_path / "o")])
+    assert "--cost-steps" in capsys.readouterr().err
