@@ -1,5 +1,5 @@
-"""Online RL in the toy world: DiffusionNFT / Flow-GRPO / DDPO from a toy base, trained on any toy reward,
-scored on held-out prompts with the precise protocol (the same samples as ``scripts/bench_precise.py``), 1 thread.
+"""Online RL in the toy world: DiffusionNFT / Flow-GRPO / DDPO (any toy reward) and ReFL / DRaFT / AlignProp
+(a differentiable toy reward, e.g. ``toy_shape_soft``) from a toy base, scored on held-out prompts with the precise protocol (the same samples as ``scripts/bench_precise.py``), 1 thread.
 
     OMP_NUM_THREADS=1 python scripts/bench_online_rl.py --base sd --method nft --seeds 0,1,2 --minutes 8 \\
         --curve-every-min 1 --out runs/online_rl
@@ -37,6 +37,10 @@ import torch
 ORACLES = ("toy_shape", "toy_color", "toy_position", "toy_oracle", "toy_aesthetic")
 
 
+RF_METHODS = ["refl", "draft_lv", "draft_k", "alignprop"]
+METHODS = ["nft", "grpo", "ddpo", *RF_METHODS]
+
+
 def build_objective(method: str, args: argparse.Namespace):
     from diffalign.objectives.nft import DiffusionNFT
     from diffalign.objectives.policy_gradient import DDPO, FlowGRPO
@@ -51,6 +55,19 @@ def build_objective(method: str, args: argparse.Namespace):
     if method == "ddpo":
         return DDPO(clip_range=args.clip_range, timestep_fraction=args.timestep_fraction,
                     stat_min_count=args.group, **common)
+    from diffalign.objectives.reward_feedback import AlignProp, DRaFT, ReFL
+
+    chain = {"steps": args.rollout_steps, "guidance_scale": args.guidance, "beta_kl": args.kl}
+    if method == "refl":  # one random step in [k_lo, k_hi] of the chain carries the gradient (10 steps: 3..7)
+        lo = min(max(0, round(0.3 * args.rollout_steps)), args.rollout_steps - 1)
+        hi = min(max(lo, round(0.7 * args.rollout_steps)), args.rollout_steps - 1)
+        return ReFL(k_lo=lo, k_hi=hi, **chain)
+    if method == "draft_lv":  # DRaFT-LV, n = 2 re-noised copies of the last step (the paper's setting)
+        return DRaFT(k=1, lv_copies=2, **chain)
+    if method == "draft_k":  # DRaFT-K, the last K = 1 step
+        return DRaFT(k=1, lv_copies=0, **chain)
+    if method == "alignprop":  # random truncation, every step of it checkpointed
+        return AlignProp(**chain)
     raise ValueError(method)
 
 
@@ -82,7 +99,7 @@ def run(args: argparse.Namespace, seed: int, rs: dict, base: dict, base_curve: d
     run_dir.mkdir(parents=True, exist_ok=True)  # main() refused a folder that holds a finished run
     torch.manual_seed(seed)
     bb = load_backbone(Path(args.base_dir) / args.base)
-    add_lora(bb, rank=args.rank)
+    add_lora(bb, rank=args.rank, targets=_targets(args.lora_targets))
     obj = build_objective(args.method, args)
     obj.setup(bb, reward=rs[args.reward])
     params = bb.trainable_parameters()
@@ -116,12 +133,13 @@ def run(args: argparse.Namespace, seed: int, rs: dict, base: dict, base_curve: d
         obj.on_update(bb)
         step += 1
         cpu = time.process_time() - c0 - eval_cpu
-        if "reward_mean" in m:
-            rewards_log.append({"step": step, "cpu_s": round(cpu, 1), "reward": round(float(m["reward_mean"]), 4)})
+        r_step = m.get("reward_mean", m.get("reward"))  # a rollout's mean (policy optimisation) or the chain's
+        if r_step is not None:
+            rewards_log.append({"step": step, "cpu_s": round(cpu, 1), "reward": round(float(r_step), 4)})
             if len(rewards_log) % 10 == 0:
                 recent = sum(r["reward"] for r in rewards_log[-10:]) / 10
                 print(f"seed {seed} step {step} cpu {cpu:.0f}s wall {time.time() - t0:.0f}s train reward "
-                      f"(last 10 rollouts) {recent:.3f}", flush=True)
+                      f"(mean of the last 10 logged) {recent:.3f}", flush=True)
         if base_curve is not None and cpu >= next_curve * 60:
             e0 = time.process_time()
             sc = precise.sample_scores(bb, curve_proto, {k: rs[k] for k in curve_metrics})
@@ -148,7 +166,7 @@ def run(args: argparse.Namespace, seed: int, rs: dict, base: dict, base_curve: d
     tuned = precise.sample_scores(bb, proto, rs, desc=f"seed {seed}")
     torch.save(tuned, run_dir / "scores.pt")
     out = {"method": args.method, "base": args.base, "seed": seed, "reward": args.reward, "updates": step,
-           "kept_step": kept_step, "early_stopped": stopped, "rollouts": obj.rollouts,
+           "kept_step": kept_step, "early_stopped": stopped, "rollouts": getattr(obj, "rollouts", step),
            "train_cpu_min": round(train_s / 60, 3), "train_wall_min": round(wall_s / 60, 2),
            "rewards": rewards_log, "curve": curve, "n_eval": proto.n}
     out["gains"] = precise.gains(base, [tuned])
@@ -156,6 +174,16 @@ def run(args: argparse.Namespace, seed: int, rs: dict, base: dict, base_curve: d
     out["target_gain_per_cpu_min"] = round(out["gains"][args.target]["mean"] / max(train_s / 60, 1e-9), 4)
     (run_dir / "result.json").write_text(json.dumps(out, indent=1))
     return out
+
+
+TARGETS = {
+    "attn": ("to_q", "to_k", "to_v", "to_out.0"),
+    "all": ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out", "conv1", "conv2"),
+}
+
+
+def _targets(spec: str) -> tuple[str, ...]:
+    return TARGETS.get(spec) or tuple(x for x in spec.split(",") if x)
 
 
 def _lora_copy(bb) -> dict[str, torch.Tensor]:
@@ -182,7 +210,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", choices=["sd", "sd3", "sd_pos"], default="sd")
     p.add_argument("--base-dir", default="diffalign/toyworld/base")
-    p.add_argument("--method", choices=["nft", "grpo", "ddpo"], default="nft")
+    p.add_argument("--method", choices=METHODS, default="nft",
+                   help="nft, grpo, ddpo (policy optimisation, any reward) or refl, draft_lv, draft_k, alignprop "
+                        "(reward feedback: the reward must be differentiable, e.g. toy_shape_soft)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--minutes", type=float, default=8.0, help="training budget per run in CPU minutes of this process")
     p.add_argument("--updates", type=int, default=0, help="train this many updates instead of --minutes")
@@ -193,12 +223,17 @@ def main() -> None:
                    help="stop when --gold on the curve falls more than this below its best point (needs --curve-every-min)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    p.add_argument("--lora-targets", default="attn",
+                   help="denoiser modules with LoRA layers: 'attn' (to_q,to_k,to_v,to_out.0, the loop's default), "
+                        "'all' (attention, feed-forward, transformer projections and resnet convolutions) or a "
+                        "comma-separated list of module names")
     p.add_argument("--batch", type=int, default=8, help="prompts per rollout")
     p.add_argument("--group", type=int, default=4, help="samples per prompt")
-    p.add_argument("--rollout-steps", type=int, default=10)
+    p.add_argument("--rollout-steps", type=int, default=10, help="steps of a rollout (reward feedback: of the chain)")
     p.add_argument("--timestep-fraction", type=float, default=0.5)
     p.add_argument("--guidance", type=float, default=5.0)
-    p.add_argument("--kl", type=float, default=0.0)
+    p.add_argument("--kl", type=float, default=0.0,
+                   help="KL weight to the reference (nft, grpo: kl_beta; reward feedback: beta_kl; ddpo: unused)")
     p.add_argument("--clip-range", type=float, default=1e-3)
     p.add_argument("--nft-beta", type=float, default=1.0)
     p.add_argument("--decay-rate", type=float, default=0.001)
@@ -220,6 +255,8 @@ def main() -> None:
         v = getattr(args, flag)
         if v is not None and v < 0:
             p.error(f"--{flag.replace('_', '-')} must not be negative (got {v})")
+    if not _targets(args.lora_targets):
+        p.error(f"--lora-targets: {args.lora_targets!r} names no module")
     if not 0 <= args.two_object <= 1:
         p.error(f"--two-object is a fraction in [0, 1] (got {args.two_object})")
     if args.early_stop_drop is not None and args.curve_every_min <= 0:
@@ -245,6 +282,9 @@ def main() -> None:
         rs = load_rewards(names)
     except Exception as e:  # noqa: BLE001 - name the flag whose reward failed to load
         p.error(f"--reward/--target/--gold: {e}")
+    if args.method in RF_METHODS and not getattr(rs[args.reward], "differentiable", True):
+        p.error(f"--method {args.method} backpropagates the reward, but --reward {args.reward} is not differentiable "
+                "(use e.g. toy_shape_soft, or a policy-optimisation method)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     proto = precise.Protocol(prompts=args.eval_prompts, seeds=args.eval_seeds)

@@ -49,6 +49,8 @@ def test_prompt_mix_holds_the_asked_two_object_fraction_and_stays_in_its_split(f
     (["--curve-every-min", "-1"], "--curve-every-min"),
     (["--curve-every-min", "1", "--early-stop-drop", "-0.1"], "--early-stop-drop"),
     (["--base-dir", "/nonexistent"], "--base-dir"),
+    (["--method", "draft_lv", "--reward", "toy_shape"], "not differentiable"),
+    (["--lora-targets", ","], "--lora-targets"),
 ])
 def test_bad_flags_are_refused_before_any_work(tmp_path, monkeypatch, capsys, flags, msg):
     out = tmp_path / "out"
@@ -57,6 +59,41 @@ def test_bad_flags_are_refused_before_any_work(tmp_path, monkeypatch, capsys, fl
         online.main()
     assert msg in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_lora_targets_all_reaches_the_convolutions_and_starts_at_the_base():
+    from diffalign.backbones import load_backbone
+    from diffalign.backbones.lora import add_lora
+    from diffalign.backbones.tiny import build_tiny_pipeline
+
+    assert online._targets("attn") == ("to_q", "to_k", "to_v", "to_out.0")
+    assert online._targets("to_q,conv1") == ("to_q", "conv1")
+    counts = {}
+    for spec in ("attn", "all"):
+        bb = load_backbone(build_tiny_pipeline("sd15"))
+        x, t = torch.randn(1, *bb.latent_shape(1)[1:]), torch.tensor([500])
+        counts[spec] = add_lora(bb, rank=2, targets=online._targets(spec))
+        names = [n for n, p in bb.denoiser.named_parameters() if p.requires_grad]
+        assert any("conv1" in n for n in names) == (spec == "all")
+        cond = bb.encode_prompts(["a red circle"])
+        with torch.no_grad():  # B = 0: the adapter is the base, whichever modules it covers
+            assert torch.equal(bb.predict(x, t, cond), bb.predict(x, t, cond, reference=True))
+    assert counts["all"] > counts["attn"]
+
+
+@pytest.mark.parametrize("method, cls, k", [("refl", "ReFL", None), ("draft_lv", "DRaFT", 2), ("draft_k", "DRaFT", 0),
+                                            ("alignprop", "AlignProp", None)])
+def test_reward_feedback_methods_are_built_with_the_chain_flags(method, cls, k):
+    import argparse
+
+    args = argparse.Namespace(rollout_steps=10, guidance=5.0, kl=0.5, group=4, nft_beta=1.0, timestep_fraction=0.5,
+                              decay_rate=0.001, decay_max=0.5, clip_range=1e-3)
+    obj = online.build_objective(method, args)
+    assert type(obj).__name__ == cls and obj.steps == 10 and obj.guidance_scale == 5.0 and obj.beta_kl == 0.5
+    if method == "refl":
+        assert (obj.k_lo, obj.k_hi) == (3, 7)
+    if k is not None:
+        assert obj.lv_copies == k
 
 
 def test_lora_restore_of_the_base_point_zeroes_b_so_the_model_is_the_base():
