@@ -46,8 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.peak:  # CPU time of the matmul too: the peak and the step are measured alike
         for dtype in [torch.float32] + ([torch.bfloat16] if "bf16" in a.switch else []):
             res[f"peak_{dtype}".replace("torch.", "")] = speed.matmul_peak("cpu", dtype, cpu_time=True)
-        peak = res["peak_float32"]["flops_per_s"]
-        res["utilisation_fp32_peak_cpu_time"] = res["flops_per_cpu_s"] / peak
+        for dtype in ("float32", "bfloat16"):
+            if f"peak_{dtype}" in res:
+                peak = res[f"peak_{dtype}"]["flops_per_s"]
+                short = "fp32" if dtype == "float32" else "bf16"
+                res[f"utilisation_{short}_peak_cpu_time"] = res["flops_per_cpu_s"] / peak
+                if "flops_with_inputs_per_cpu_s" in res:
+                    res[f"utilisation_{short}_peak_with_inputs_cpu_time"] = res["flops_with_inputs_per_cpu_s"] / peak
     print(speed.profile_table(res) if not a.no_profile else json.dumps(
         {k: v for k, v in res.items() if k != "top_ops"}, indent=1))
     if a.out:

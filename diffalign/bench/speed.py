@@ -417,12 +417,19 @@ def profile_step(cfg: Any, steps: int = 2, warmup: int = 1, top: int = 25, profi
     """``torch.profiler`` over ``steps`` training steps of ``cfg`` (the objective's forwards, the backward and
     the optimizer step, as ``train`` takes them, after ``warmup`` steps): the top ops by self CPU time, the
     self time by op group (``OP_GROUPS``), the seconds per step (wall and this process's CPU time: on a shared
-    machine the CPU time is what the step itself cost) and the FLOPs per step. ``profile=False``: the times
-    only, without the profiler's overhead."""
+    machine the CPU time is what the step itself cost), the FLOPs per step (the objective's forwards and the
+    backward, as ``count_step_flops``; the encoding of the inputs apart) and the process's peak RSS.
+    ``profile=False``: the times only, without the profiler's overhead.
+
+    The FLOPs are counted on this same backbone during the first warm-up step (one copy of the weights in
+    memory, no extra step); a compiled denoiser, or no warm-up, counts them afterwards on a fresh eager build,
+    once this one is freed."""
     import contextlib
+    import gc
 
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as profiler
+    from torch.utils.flop_counter import FlopCounterMode
 
     profile_ = profile
     from ..objectives import build_objective
@@ -437,30 +444,46 @@ def profile_step(cfg: Any, steps: int = 2, warmup: int = 1, top: int = 25, profi
     batch = collate([ds[i] for i in range(cfg.train.batch_size)])
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)
 
-    def step() -> None:
-        inputs = model_inputs(batch, bb, cfg.data.prompt_dropout, empty)
-        with torch.autocast(device, dtype=amp, enabled=amp is not None):
-            with torch.no_grad():
-                obj.collect(inputs, bb)
-            loss, _ = obj.loss(inputs, bb)
-        loss.backward()
+    def step(count: dict[str, float] | None = None) -> None:
+        counting = (lambda: FlopCounterMode(display=False)) if count is not None else contextlib.nullcontext
+        with counting() as inputs_counter:
+            inputs = model_inputs(batch, bb, cfg.data.prompt_dropout, empty)
+        with counting() as step_counter:
+            with torch.autocast(device, dtype=amp, enabled=amp is not None):
+                with torch.no_grad():
+                    obj.collect(inputs, bb)
+                loss, _ = obj.loss(inputs, bb)
+            loss.backward()
+        if count is not None:
+            count["step"] = float(step_counter.get_total_flops())
+            count["inputs"] = float(inputs_counter.get_total_flops())
         torch.nn.utils.clip_grad_norm_(bb.trainable_parameters(), cfg.train.max_grad_norm or 1e9)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
 
-    for _ in range(warmup):
-        step()
+    count: dict[str, float] = {}
+    for i in range(warmup):
+        step(count if i == 0 and not cfg.model.compile else None)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     t, c = time.perf_counter(), time.process_time()
     with profiler(activities=acts) if profile_ else contextlib.nullcontext() as prof:
         for _ in range(steps):
             step()
     sec, cpu = (time.perf_counter() - t) / steps, (time.process_time() - c) / steps
-    flops = count_step_flops(cfg)
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    if not count:
+        del bb, obj, opt, batch, ds
+        gc.collect()
+        count = {"step": count_step_flops(cfg.model_copy(
+            update={"model": cfg.model.model_copy(update={"compile": False})}))}
+    flops = count["step"]
     timing = {"seconds_per_step": sec, "cpu_seconds_per_step": cpu, "profiled_steps": steps, "flops_per_step": flops,
-              "flops_per_cpu_s": flops / cpu, "threads": torch.get_num_threads()}
+              "flops_per_cpu_s": flops / cpu, "threads": torch.get_num_threads(), "peak_rss_mb": peak_rss}
+    if "inputs" in count:  # the VAE encode and text encoders of the step's inputs, which the CPU time includes
+        timing["input_encode_flops_per_step"] = count["inputs"]
+        timing["flops_with_inputs_per_cpu_s"] = (flops + count["inputs"]) / cpu
     if not profile_:
         return timing
     events = prof.key_averages()

@@ -66,3 +66,25 @@ def test_profile_step_says_where_the_time_goes(tmp_path):
 def test_matmul_peak_in_cpu_time():
     m = speed.matmul_peak(n=256, repeats=3, cpu_time=True)
     assert m["flops_per_s"] > 0
+
+
+def test_profile_step_counts_flops_on_its_own_backbone(tmp_path, monkeypatch):
+    """One copy of the weights: the FLOPs are counted during the first warm-up step on the step's own backbone
+    (the same count as a separate build), and the peak RSS is reported; with no warm-up they are counted on a
+    second build, made after the first is freed."""
+    from diffalign.data.synthetic import write_rendered_pairs
+    from diffalign.training import setup
+
+    data = write_rendered_pairs(tmp_path / "pairs", n=8)
+    cfg = speed._config(speed.Case(batch_size=2, resolution=32), tmp_path / "run", data)
+    expected = speed.count_step_flops(cfg)
+    builds = []
+    real = setup.build_backbone
+    monkeypatch.setattr(setup, "build_backbone", lambda *a, **k: builds.append(1) or real(*a, **k))
+    res = speed.profile_step(cfg, steps=1, warmup=1, profile=False)
+    assert len(builds) == 1 and res["flops_per_step"] == expected
+    assert res["input_encode_flops_per_step"] > 0  # pixels in: the VAE encode, counted apart
+    assert res["flops_with_inputs_per_cpu_s"] > res["flops_per_cpu_s"]
+    assert res["peak_rss_mb"] > 100
+    res = speed.profile_step(cfg, steps=1, warmup=0, profile=False)
+    assert len(builds) == 3 and res["flops_per_step"] == expected
