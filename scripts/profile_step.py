@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                 peak = res[f"peak_{dtype}"]["flops_per_s"]
                 short = "fp32" if dtype == "float32" else "bf16"
                 res[f"utilisation_{short}_peak_cpu_time"] = res["flops_per_cpu_s"] / peak
+                res[f"utilisation_{short}_peak_without_inputs_cpu_time"] = res["flops_per_cpu_s_without_inputs"] / peak
                 if "flops_with_inputs_per_cpu_s" in res:
                     res[f"utilisation_{short}_peak_with_inputs_cpu_time"] = res["flops_with_inputs_per_cpu_s"] / peak
     print(speed.profile_table(res) if not a.no_profile else json.dumps(

@@ -444,10 +444,14 @@ def profile_step(cfg: Any, steps: int = 2, warmup: int = 1, top: int = 25, profi
     batch = collate([ds[i] for i in range(cfg.train.batch_size)])
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)
 
+    input_cpu: list[float] = []  # CPU seconds of model_inputs (VAE encode, text encoders) in each step
+
     def step(count: dict[str, float] | None = None) -> None:
         counting = (lambda: FlopCounterMode(display=False)) if count is not None else contextlib.nullcontext
+        c0 = time.process_time()
         with counting() as inputs_counter:
             inputs = model_inputs(batch, bb, cfg.data.prompt_dropout, empty)
+        input_cpu.append(time.process_time() - c0)
         with counting() as step_counter:
             with torch.autocast(device, dtype=amp, enabled=amp is not None):
                 with torch.no_grad():
@@ -472,6 +476,7 @@ def profile_step(cfg: Any, steps: int = 2, warmup: int = 1, top: int = 25, profi
         for _ in range(steps):
             step()
     sec, cpu = (time.perf_counter() - t) / steps, (time.process_time() - c) / steps
+    cpu_inputs = sum(input_cpu[-steps:]) / steps
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     if not count:
         del bb, obj, opt, batch, ds
@@ -484,6 +489,9 @@ def profile_step(cfg: Any, steps: int = 2, warmup: int = 1, top: int = 25, profi
     if "inputs" in count:  # the VAE encode and text encoders of the step's inputs, which the CPU time includes
         timing["input_encode_flops_per_step"] = count["inputs"]
         timing["flops_with_inputs_per_cpu_s"] = (flops + count["inputs"]) / cpu
+    # the objective's part alone: its FLOPs over the CPU time outside model_inputs
+    timing["input_cpu_seconds_per_step"] = cpu_inputs
+    timing["flops_per_cpu_s_without_inputs"] = flops / (cpu - cpu_inputs)
     if not profile_:
         return timing
     events = prof.key_averages()

@@ -20,4 +20,5 @@ def test_bf16_case_reports_both_peaks_and_peak_rss(tmp_path):
     assert abs(res["utilisation_fp32_peak_cpu_time"] - res["flops_per_cpu_s"] / fp32) < 1e-12
     assert abs(res["utilisation_bf16_peak_cpu_time"] - res["flops_per_cpu_s"] / bf16) < 1e-12
     assert res["utilisation_fp32_peak_with_inputs_cpu_time"] > res["utilisation_fp32_peak_cpu_time"]
+    assert res["utilisation_bf16_peak_without_inputs_cpu_time"] > res["utilisation_bf16_peak_cpu_time"]
     assert res["peak_rss_mb"] > 100 and "[mixed_precision=bf16,frozen_dtype=bfloat16]" in res["case"]

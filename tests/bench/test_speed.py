@@ -85,6 +85,8 @@ def test_profile_step_counts_flops_on_its_own_backbone(tmp_path, monkeypatch):
     assert len(builds) == 1 and res["flops_per_step"] == expected
     assert res["input_encode_flops_per_step"] > 0  # pixels in: the VAE encode, counted apart
     assert res["flops_with_inputs_per_cpu_s"] > res["flops_per_cpu_s"]
+    assert 0 < res["input_cpu_seconds_per_step"] < res["cpu_seconds_per_step"]
+    assert res["flops_per_cpu_s_without_inputs"] > res["flops_per_cpu_s"]
     assert res["peak_rss_mb"] > 100
     res = speed.profile_step(cfg, steps=1, warmup=0, profile=False)
     assert len(builds) == 3 and res["flops_per_step"] == expected
