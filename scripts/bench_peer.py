@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{flag} {value!r}: unknown part {unknown[0]!r} (one of {', '.join(known)}, joined by +)")
     if (a.steps - a.warmup) % a.log_every or a.warmup % a.log_every:
         p.error("--warmup and --steps must be multiples of --log-every (our loss is logged every --log-every steps)")
-    work = Path(a.work or tempfile.mkdtemp(prefix="bench_peer_"))
+    work = Path(a.work or tempfile.mkdtemp(prefix="bench_peer_")).resolve()  # the script runs elsewhere
     work.mkdir(parents=True, exist_ok=True)
     if a.arch:
         model = save_arch_pipeline(a.arch, a.pipeline_dir or work / f"{a.arch}_arch")

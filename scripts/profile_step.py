@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-profile", action="store_true", help="time only (no profiler overhead)")
     p.add_argument("--peak", action="store_true", help="also measure the matmul peak (fp32, and bf16 when --switch bf16)")
+    p.add_argument("--flops-only", action="store_true",
+                   help="count one step's FLOPs (step, its attention, the inputs' encode) without timing anything")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -40,8 +42,16 @@ def main(argv: list[str] | None = None) -> int:
         data = write_rendered_pairs(Path(tmp) / "pairs", n=max(8, a.batch), seed=0)
         if case.switches.get("data.cache_dir") == "auto":
             raise SystemExit("--switch cache: not profiled here (the bench measures it)")
-        res = speed.profile_step(speed._config(case, Path(tmp) / "run", data), a.steps, a.warmup,
-                                 profile=not a.no_profile)
+        cfg = speed._config(case, Path(tmp) / "run", data)
+        if a.flops_only:
+            res = {f"{k}_flops_per_step": v for k, v in speed.count_flops(cfg).items()}
+            res["case"] = case.name
+            print(json.dumps(res, indent=1))
+            if a.out:
+                a.out.parent.mkdir(parents=True, exist_ok=True)
+                a.out.write_text(json.dumps(res, indent=2))
+            return 0
+        res = speed.profile_step(cfg, a.steps, a.warmup, profile=not a.no_profile)
     res["case"] = case.name
     if a.peak:  # CPU time of the matmul too: the peak and the step are measured alike
         for dtype in [torch.float32] + ([torch.bfloat16] if "bf16" in a.switch else []):

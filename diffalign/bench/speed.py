@@ -131,10 +131,41 @@ def _config(case: Case, out: Path, data: Path) -> Any:
     return RunConfig.model_validate(raw)
 
 
+def flop_counter() -> Any:
+    """``FlopCounterMode`` that also counts the CPU flash-attention kernel SDPA runs on the CPU
+    (``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward), which torch's own table leaves
+    out: without it every attention FLOP of a CPU step went uncounted. Same formulas as the GPU kernels."""
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+
+    def fwd(q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        return fc.sdpa_flop_count(q, k, v)
+
+    def bwd(g: Any, q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        return fc.sdpa_backward_flop_count(g, q, k, v)
+
+    mapping = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = fwd
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = bwd
+    return fc.FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+def attention_flops(counter: Any) -> float:
+    """The attention kernels' share of a ``flop_counter()``'s count."""
+    return float(sum(n for op, n in counter.get_flop_counts().get("Global", {}).items() if "attention" in str(op)))
+
+
 def count_step_flops(cfg: Any) -> float:
     """FLOPs of one training step of ``cfg`` (objective forward passes + backward), on one batch."""
-    from torch.utils.flop_counter import FlopCounterMode
+    return count_flops(cfg)["step"]
 
+
+def count_flops(cfg: Any) -> dict[str, float]:
+    """FLOPs of one training step of ``cfg`` on one batch: ``step`` (the objective's forward passes and the
+    backward), ``attention`` (the attention kernels' part of it) and ``inputs`` (encoding the batch: the VAE
+    encode of pixels and the text encoders, which a latent cache removes)."""
     from ..objectives import build_objective
     from ..training.batches import model_inputs
     from ..training.setup import build_backbone, build_dataset
@@ -143,13 +174,15 @@ def count_step_flops(cfg: Any) -> float:
     obj = build_objective(cfg.objective.name, **cfg.objective.model_dump(exclude={"name"}))
     ds, collate, empty = build_dataset(cfg, bb, obj.data_kind)
     batch = collate([ds[i] for i in range(cfg.train.batch_size)])
-    inputs = model_inputs(batch, bb, 0.0, empty)
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as inputs_counter:
+        inputs = model_inputs(batch, bb, 0.0, empty)
+    with flop_counter() as counter:
         with torch.no_grad():
             obj.collect(inputs, bb)
         loss, _ = obj.loss(inputs, bb)
         loss.backward()
-    return float(counter.get_total_flops())
+    return {"step": float(counter.get_total_flops()), "attention": attention_flops(counter),
+            "inputs": float(inputs_counter.get_total_flops())}
 
 
 def _train_case(case: Case, work: Path) -> dict[str, Any]:
@@ -429,7 +462,6 @@ def profile_step(cfg: Any, steps: int = 2, warmup: int = 1, top: int = 25, profi
 
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as profiler
-    from torch.utils.flop_counter import FlopCounterMode
 
     profile_ = profile
     from ..objectives import build_objective
@@ -447,7 +479,7 @@ def profile_step(cfg: Any, steps: int = 2, warmup: int = 1, top: int = 25, profi
     input_cpu: list[float] = []  # CPU seconds of model_inputs (VAE encode, text encoders) in each step
 
     def step(count: dict[str, float] | None = None) -> None:
-        counting = (lambda: FlopCounterMode(display=False)) if count is not None else contextlib.nullcontext
+        counting = flop_counter if count is not None else contextlib.nullcontext
         c0 = time.process_time()
         with counting() as inputs_counter:
             inputs = model_inputs(batch, bb, cfg.data.prompt_dropout, empty)
@@ -461,6 +493,7 @@ def profile_step(cfg: Any, steps: int = 2, warmup: int = 1, top: int = 25, profi
         if count is not None:
             count["step"] = float(step_counter.get_total_flops())
             count["inputs"] = float(inputs_counter.get_total_flops())
+            count["attention"] = attention_flops(step_counter)
         torch.nn.utils.clip_grad_norm_(bb.trainable_parameters(), cfg.train.max_grad_norm or 1e9)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -468,8 +501,10 @@ def profile_step(cfg: Any, steps: int = 2, warmup: int = 1, top: int = 25, profi
             torch.cuda.synchronize()
 
     count: dict[str, float] = {}
+    w, wc = time.perf_counter(), time.process_time()  # the warm-up holds a compile's cost
     for i in range(warmup):
         step(count if i == 0 and not cfg.model.compile else None)
+    warm = {"warmup_seconds": time.perf_counter() - w, "warmup_cpu_seconds": time.process_time() - wc}
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     t, c = time.perf_counter(), time.process_time()
     with profiler(activities=acts) if profile_ else contextlib.nullcontext() as prof:
@@ -485,7 +520,9 @@ def profile_step(cfg: Any, steps: int = 2, warmup: int = 1, top: int = 25, profi
             update={"model": cfg.model.model_copy(update={"compile": False})}))}
     flops = count["step"]
     timing = {"seconds_per_step": sec, "cpu_seconds_per_step": cpu, "profiled_steps": steps, "flops_per_step": flops,
-              "flops_per_cpu_s": flops / cpu, "threads": torch.get_num_threads(), "peak_rss_mb": peak_rss}
+              "flops_per_cpu_s": flops / cpu, "threads": torch.get_num_threads(), "peak_rss_mb": peak_rss, **warm}
+    if "attention" in count:
+        timing["attention_flops_per_step"] = count["attention"]
     if "inputs" in count:  # the VAE encode and text encoders of the step's inputs, which the CPU time includes
         timing["input_encode_flops_per_step"] = count["inputs"]
         timing["flops_with_inputs_per_cpu_s"] = (flops + count["inputs"]) / cpu

@@ -87,3 +87,24 @@ def test_each_at_its_fastest_with_bf16_on_both_sides(tmp_path):
     ours = bench_peer.ours_command(a, Path("/m"), tmp_path / "d.parquet", tmp_path / "o2", 25, False, None)
     cfg = yaml.safe_load(Path(ours[-1]).read_text())
     assert "frozen_dtype" not in cfg["model"] and "mixed_precision" not in cfg["train"]
+
+
+def test_relative_work_folder_reaches_the_contenders_as_absolute_paths(tmp_path, monkeypatch):
+    """The contenders run in their run folder's parent: a relative --work must not be passed on relative (the
+    script then looked for its data under work/work/data)."""
+    script = tmp_path / "train_diffusion_dpo.py"
+    script.write_text("")
+    monkeypatch.chdir(tmp_path)
+    cmds = []
+
+    def fake_run_one(cmd, run_dir, steps, warmup, threads, log):
+        cmds.append(cmd)
+        return {"steps_per_s": 1.0, "steps_per_cpu_s": 1.0, "startup_s": 1.0, "peak_rss_mb": 1.0}
+
+    monkeypatch.setattr(bench_peer, "run_one", fake_run_one)
+    bench_peer.main(["--peer-script", str(script), "--work", "rel/work", "--settings", "same", "--repeats", "1",
+                     "--pairs", "2", "--steps", "10", "--warmup", "5"])
+    peer = dict(zip(cmds[0][2::2], cmds[0][3::2], strict=False))
+    assert Path(peer["--dataset_name"]).is_absolute() and Path(peer["--output_dir"]).is_absolute()
+    assert Path(peer["--dataset_name"]) == (tmp_path / "rel" / "work" / "data").resolve()
+    assert Path(cmds[1][-1]).is_absolute()  # our config file

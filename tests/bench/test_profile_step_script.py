@@ -22,3 +22,12 @@ def test_bf16_case_reports_both_peaks_and_peak_rss(tmp_path):
     assert res["utilisation_fp32_peak_with_inputs_cpu_time"] > res["utilisation_fp32_peak_cpu_time"]
     assert res["utilisation_bf16_peak_without_inputs_cpu_time"] > res["utilisation_bf16_peak_cpu_time"]
     assert res["peak_rss_mb"] > 100 and "[mixed_precision=bf16,frozen_dtype=bfloat16]" in res["case"]
+
+
+def test_flops_only_counts_step_attention_and_inputs(tmp_path):
+    out = tmp_path / "flops.json"
+    profile_step_script.main(["--model", "tiny:sd15", "--resolution", "32", "--batch", "2", "--flops-only",
+                              "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["step_flops_per_step"] > res["attention_flops_per_step"] > 0
+    assert res["inputs_flops_per_step"] > 0 and "peak_float32" not in res
