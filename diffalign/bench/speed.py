@@ -223,6 +223,20 @@ def _build_cache(cfg: Any, out: Path) -> None:
     build_cache(ds, bb, out, batch_size=8, progress=False, dtype="float32")
 
 
+def _cache_child(case: Case, run: Path, data: Path, out: Path) -> None:
+    _build_cache(_config(case, run, data), out)
+
+
+def build_cache_isolated(case: Case, run: Path, data: Path, out: Path) -> None:
+    """``_build_cache`` in a child process, so that its peak memory (the VAE, the text encoders) is not the
+    caller's."""
+    child = mp.get_context("spawn").Process(target=_cache_child, args=(case, run, data, out))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise RuntimeError(f"{case.name}: building the latent cache failed (exit code {child.exitcode})")
+
+
 SWITCHES: dict[str, dict[str, Any]] = {
     "cache": {"data.cache_dir": "auto"},
     "channels_last": {"model.channels_last": True},

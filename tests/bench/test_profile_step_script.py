@@ -31,3 +31,14 @@ def test_flops_only_counts_step_attention_and_inputs(tmp_path):
     res = json.loads(out.read_text())
     assert res["step_flops_per_step"] > res["attention_flops_per_step"] > 0
     assert res["inputs_flops_per_step"] > 0 and "peak_float32" not in res
+
+
+def test_cache_switch_times_the_step_without_the_encoders(tmp_path):
+    """--switch cache: the cache is built first (in a child process), then the step reads latents and text
+    embeddings, so it encodes nothing."""
+    out = tmp_path / "cache.json"
+    profile_step_script.main(["--model", "tiny:sd15", "--resolution", "32", "--batch", "2", "--steps", "1",
+                              "--warmup", "1", "--no-profile", "--switch", "cache", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["input_encode_flops_per_step"] == 0 and res["flops_per_step"] > 0
+    assert "cache_dir=" in res["case"]
