@@ -90,8 +90,13 @@ def peer_command(a: argparse.Namespace, model: Path, data_dir: Path, out: Path, 
            "--learning_rate", str(a.lr), "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
            "--checkpointing_steps", "1000000", "--seed", "0", "--report_to", "tensorboard",
            "--dataloader_num_workers", "0"]
-    if fast:  # its own fastest CPU settings: the VAE encodes the whole batch at once
+    if fast:  # its own fastest CPU settings: the VAE encodes the whole batch at once (and bf16 if asked)
         cmd += ["--vae_encode_batch_size", str(2 * a.batch)]
+        for part in getattr(a, "peer_fastest", "").split("+"):
+            if part == "bf16":  # accelerate's bf16 autocast; the script casts every frozen weight to bf16
+                cmd += ["--mixed_precision", "bf16"]
+            elif part:
+                raise SystemExit(f"--peer-fastest: unknown part {part!r} (bf16)")
     return cmd
 
 
@@ -116,8 +121,10 @@ def ours_command(a: argparse.Namespace, model: Path, data: Path, out: Path, step
                 cfg["model"]["channels_last"] = True
             elif part == "bf16":
                 cfg["train"]["mixed_precision"] = "bf16"
+            elif part == "frozen_bf16":  # the frozen base weights in bf16 (the LoRA stays fp32)
+                cfg["model"]["frozen_dtype"] = "bfloat16"
             elif part:
-                raise SystemExit(f"--ours-fastest: unknown part {part!r} (cache, channels_last, bf16)")
+                raise SystemExit(f"--ours-fastest: unknown part {part!r} (cache, channels_last, bf16, frozen_bf16)")
     out.mkdir(parents=True, exist_ok=True)
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -207,7 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--settings", default="same,fastest", help="same, fastest, or both")
-    p.add_argument("--ours-fastest", default="cache", help="our switches at our fastest: cache+channels_last+bf16")
+    p.add_argument("--ours-fastest", default="cache",
+                   help="our switches at our fastest: cache+channels_last+bf16+frozen_bf16")
+    p.add_argument("--peer-fastest", default="",
+                   help="the script's extra settings at its fastest: bf16 (--mixed_precision bf16)")
     p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     p.add_argument("--out", type=Path, default=None, help="results JSON")
     a = p.parse_args(argv)
@@ -223,9 +233,14 @@ def main(argv: list[str] | None = None) -> int:
     bad = [s for s in a.settings.split(",") if s not in ("same", "fastest")] or not a.settings.strip(",")
     if bad:
         p.error(f"--settings {a.settings!r}: give same, fastest or same,fastest")
+    for flag, value, known in (("--ours-fastest", a.ours_fastest, ("cache", "channels_last", "bf16", "frozen_bf16")),
+                               ("--peer-fastest", a.peer_fastest, ("bf16",))):
+        unknown = [x for x in value.split("+") if x and x not in known]
+        if unknown:
+            p.error(f"{flag} {value!r}: unknown part {unknown[0]!r} (one of {', '.join(known)}, joined by +)")
     if (a.steps - a.warmup) % a.log_every or a.warmup % a.log_every:
         p.error("--warmup and --steps must be multiples of --log-every (our loss is logged every --log-every steps)")
-    work = Path(a.work or tempfile.mkdtemp(prefix="bench_peer_"))
+    work = Path(a.work or tempfile.mkdtemp(prefix="bench_peer_")).resolve()  # the script runs elsewhere
     work.mkdir(parents=True, exist_ok=True)
     if a.arch:
         model = save_arch_pipeline(a.arch, a.pipeline_dir or work / f"{a.arch}_arch")

@@ -131,10 +131,41 @@ def _config(case: Case, out: Path, data: Path) -> Any:
     return RunConfig.model_validate(raw)
 
 
+def flop_counter() -> Any:
+    """``FlopCounterMode`` that also counts the CPU flash-attention kernel SDPA runs on the CPU
+    (``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward), which torch's own table leaves
+    out: without it every attention FLOP of a CPU step went uncounted. Same formulas as the GPU kernels."""
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+
+    def fwd(q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        return fc.sdpa_flop_count(q, k, v)
+
+    def bwd(g: Any, q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        return fc.sdpa_backward_flop_count(g, q, k, v)
+
+    mapping = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = fwd
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = bwd
+    return fc.FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+def attention_flops(counter: Any) -> float:
+    """The attention kernels' share of a ``flop_counter()``'s count."""
+    return float(sum(n for op, n in counter.get_flop_counts().get("Global", {}).items() if "attention" in str(op)))
+
+
 def count_step_flops(cfg: Any) -> float:
     """FLOPs of one training step of ``cfg`` (objective forward passes + backward), on one batch."""
-    from torch.utils.flop_counter import FlopCounterMode
+    return count_flops(cfg)["step"]
 
+
+def count_flops(cfg: Any) -> dict[str, float]:
+    """FLOPs of one training step of ``cfg`` on one batch: ``step`` (the objective's forward passes and the
+    backward), ``attention`` (the attention kernels' part of it) and ``inputs`` (encoding the batch: the VAE
+    encode of pixels and the text encoders, which a latent cache removes)."""
     from ..objectives import build_objective
     from ..training.batches import model_inputs
     from ..training.setup import build_backbone, build_dataset
@@ -143,13 +174,15 @@ def count_step_flops(cfg: Any) -> float:
     obj = build_objective(cfg.objective.name, **cfg.objective.model_dump(exclude={"name"}))
     ds, collate, empty = build_dataset(cfg, bb, obj.data_kind)
     batch = collate([ds[i] for i in range(cfg.train.batch_size)])
-    inputs = model_inputs(batch, bb, 0.0, empty)
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as inputs_counter:
+        inputs = model_inputs(batch, bb, 0.0, empty)
+    with flop_counter() as counter:
         with torch.no_grad():
             obj.collect(inputs, bb)
         loss, _ = obj.loss(inputs, bb)
         loss.backward()
-    return float(counter.get_total_flops())
+    return {"step": float(counter.get_total_flops()), "attention": attention_flops(counter),
+            "inputs": float(inputs_counter.get_total_flops())}
 
 
 def _train_case(case: Case, work: Path) -> dict[str, Any]:
@@ -188,6 +221,20 @@ def _build_cache(cfg: Any, out: Path) -> None:
     bb = build_backbone(cfg.model_copy(update={"data": cfg.data.model_copy(update={"cache_dir": None})}))
     ds = PreferencePairs(cfg.data.train, resolution=bb.resolution, random_flip=False)
     build_cache(ds, bb, out, batch_size=8, progress=False, dtype="float32")
+
+
+def _cache_child(case: Case, run: Path, data: Path, out: Path) -> None:
+    _build_cache(_config(case, run, data), out)
+
+
+def build_cache_isolated(case: Case, run: Path, data: Path, out: Path) -> None:
+    """``_build_cache`` in a child process, so that its peak memory (the VAE, the text encoders) is not the
+    caller's."""
+    child = mp.get_context("spawn").Process(target=_cache_child, args=(case, run, data, out))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise RuntimeError(f"{case.name}: building the latent cache failed (exit code {child.exitcode})")
 
 
 SWITCHES: dict[str, dict[str, Any]] = {
@@ -417,9 +464,15 @@ def profile_step(cfg: Any, steps: int = 2, warmup: int = 1, top: int = 25, profi
     """``torch.profiler`` over ``steps`` training steps of ``cfg`` (the objective's forwards, the backward and
     the optimizer step, as ``train`` takes them, after ``warmup`` steps): the top ops by self CPU time, the
     self time by op group (``OP_GROUPS``), the seconds per step (wall and this process's CPU time: on a shared
-    machine the CPU time is what the step itself cost) and the FLOPs per step. ``profile=False``: the times
-    only, without the profiler's overhead."""
+    machine the CPU time is what the step itself cost), the FLOPs per step (the objective's forwards and the
+    backward, as ``count_step_flops``; the encoding of the inputs apart) and the process's peak RSS.
+    ``profile=False``: the times only, without the profiler's overhead.
+
+    The FLOPs are counted on this same backbone during the first warm-up step (one copy of the weights in
+    memory, no extra step); a compiled denoiser, or no warm-up, counts them afterwards on a fresh eager build,
+    once this one is freed."""
     import contextlib
+    import gc
 
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as profiler
@@ -437,30 +490,59 @@ def profile_step(cfg: Any, steps: int = 2, warmup: int = 1, top: int = 25, profi
     batch = collate([ds[i] for i in range(cfg.train.batch_size)])
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)
 
-    def step() -> None:
-        inputs = model_inputs(batch, bb, cfg.data.prompt_dropout, empty)
-        with torch.autocast(device, dtype=amp, enabled=amp is not None):
-            with torch.no_grad():
-                obj.collect(inputs, bb)
-            loss, _ = obj.loss(inputs, bb)
-        loss.backward()
+    input_cpu: list[float] = []  # CPU seconds of model_inputs (VAE encode, text encoders) in each step
+
+    def step(count: dict[str, float] | None = None) -> None:
+        counting = flop_counter if count is not None else contextlib.nullcontext
+        c0 = time.process_time()
+        with counting() as inputs_counter:
+            inputs = model_inputs(batch, bb, cfg.data.prompt_dropout, empty)
+        input_cpu.append(time.process_time() - c0)
+        with counting() as step_counter:
+            with torch.autocast(device, dtype=amp, enabled=amp is not None):
+                with torch.no_grad():
+                    obj.collect(inputs, bb)
+                loss, _ = obj.loss(inputs, bb)
+            loss.backward()
+        if count is not None:
+            count["step"] = float(step_counter.get_total_flops())
+            count["inputs"] = float(inputs_counter.get_total_flops())
+            count["attention"] = attention_flops(step_counter)
         torch.nn.utils.clip_grad_norm_(bb.trainable_parameters(), cfg.train.max_grad_norm or 1e9)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
 
-    for _ in range(warmup):
-        step()
+    count: dict[str, float] = {}
+    w, wc = time.perf_counter(), time.process_time()  # the warm-up holds a compile's cost
+    for i in range(warmup):
+        step(count if i == 0 and not cfg.model.compile else None)
+    warm = {"warmup_seconds": time.perf_counter() - w, "warmup_cpu_seconds": time.process_time() - wc}
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     t, c = time.perf_counter(), time.process_time()
     with profiler(activities=acts) if profile_ else contextlib.nullcontext() as prof:
         for _ in range(steps):
             step()
     sec, cpu = (time.perf_counter() - t) / steps, (time.process_time() - c) / steps
-    flops = count_step_flops(cfg)
+    cpu_inputs = sum(input_cpu[-steps:]) / steps
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    if not count:
+        del bb, obj, opt, batch, ds
+        gc.collect()
+        count = {"step": count_step_flops(cfg.model_copy(
+            update={"model": cfg.model.model_copy(update={"compile": False})}))}
+    flops = count["step"]
     timing = {"seconds_per_step": sec, "cpu_seconds_per_step": cpu, "profiled_steps": steps, "flops_per_step": flops,
-              "flops_per_cpu_s": flops / cpu, "threads": torch.get_num_threads()}
+              "flops_per_cpu_s": flops / cpu, "threads": torch.get_num_threads(), "peak_rss_mb": peak_rss, **warm}
+    if "attention" in count:
+        timing["attention_flops_per_step"] = count["attention"]
+    if "inputs" in count:  # the VAE encode and text encoders of the step's inputs, which the CPU time includes
+        timing["input_encode_flops_per_step"] = count["inputs"]
+        timing["flops_with_inputs_per_cpu_s"] = (flops + count["inputs"]) / cpu
+    # the objective's part alone: its FLOPs over the CPU time outside model_inputs
+    timing["input_cpu_seconds_per_step"] = cpu_inputs
+    timing["flops_per_cpu_s_without_inputs"] = flops / (cpu - cpu_inputs)
     if not profile_:
         return timing
     events = prof.key_averages()

@@ -57,7 +57,9 @@ def test_rate_comes_from_tensorboard_wall_times(tmp_path):
 
 
 @pytest.mark.parametrize("extra, flag", [(["--settings", "fast"], "--settings"), (["--log-every", "0"], "--log-every"),
-                                         (["--warmup", "25"], "--warmup"), (["--repeats", "0"], "--repeats")])
+                                         (["--warmup", "25"], "--warmup"), (["--repeats", "0"], "--repeats"),
+                                         (["--ours-fastest", "cache+fp8"], "--ours-fastest"),
+                                         (["--peer-fastest", "fp16"], "--peer-fastest")])
 def test_bad_flags_are_errors_naming_them(tmp_path, capsys, extra, flag):
     script = tmp_path / "train_diffusion_dpo.py"
     script.write_text("")
@@ -65,3 +67,44 @@ def test_bad_flags_are_errors_naming_them(tmp_path, capsys, extra, flag):
         bench_peer.main(["--peer-script", str(script), "--work", str(tmp_path / "work"), *extra])
     assert flag in capsys.readouterr().err
     assert not (tmp_path / "work").exists()
+
+
+def test_each_at_its_fastest_with_bf16_on_both_sides(tmp_path):
+    """--peer-fastest bf16: the script's own --mixed_precision bf16 (it then casts the frozen weights to bf16);
+    --ours-fastest ...+bf16+frozen_bf16: our autocast and frozen base weights in bf16. Only at "fastest"."""
+    a = _args(peer_fastest="bf16", ours_fastest="cache+bf16+frozen_bf16")
+    peer = bench_peer.peer_command(a, Path("/m"), tmp_path, tmp_path / "p", 25, fast=True)
+    flags = dict(zip(peer[2::2], peer[3::2], strict=False))
+    assert flags["--mixed_precision"] == "bf16" and flags["--vae_encode_batch_size"] == "16"
+    same = bench_peer.peer_command(a, Path("/m"), tmp_path, tmp_path / "p", 25, fast=False)
+    assert "--mixed_precision" not in same
+    import yaml
+
+    ours = bench_peer.ours_command(a, Path("/m"), tmp_path / "d.parquet", tmp_path / "o", 25, True, tmp_path / "c")
+    cfg = yaml.safe_load(Path(ours[-1]).read_text())
+    assert cfg["train"]["mixed_precision"] == "bf16" and cfg["model"]["frozen_dtype"] == "bfloat16"
+    assert cfg["data"]["cache_dir"] == str(tmp_path / "c")
+    ours = bench_peer.ours_command(a, Path("/m"), tmp_path / "d.parquet", tmp_path / "o2", 25, False, None)
+    cfg = yaml.safe_load(Path(ours[-1]).read_text())
+    assert "frozen_dtype" not in cfg["model"] and "mixed_precision" not in cfg["train"]
+
+
+def test_relative_work_folder_reaches_the_contenders_as_absolute_paths(tmp_path, monkeypatch):
+    """The contenders run in their run folder's parent: a relative --work must not be passed on relative (the
+    script then looked for its data under work/work/data)."""
+    script = tmp_path / "train_diffusion_dpo.py"
+    script.write_text("")
+    monkeypatch.chdir(tmp_path)
+    cmds = []
+
+    def fake_run_one(cmd, run_dir, steps, warmup, threads, log):
+        cmds.append(cmd)
+        return {"steps_per_s": 1.0, "steps_per_cpu_s": 1.0, "startup_s": 1.0, "peak_rss_mb": 1.0}
+
+    monkeypatch.setattr(bench_peer, "run_one", fake_run_one)
+    bench_peer.main(["--peer-script", str(script), "--work", "rel/work", "--settings", "same", "--repeats", "1",
+                     "--pairs", "2", "--steps", "10", "--warmup", "5"])
+    peer = dict(zip(cmds[0][2::2], cmds[0][3::2], strict=False))
+    assert Path(peer["--dataset_name"]).is_absolute() and Path(peer["--output_dir"]).is_absolute()
+    assert Path(peer["--dataset_name"]) == (tmp_path / "rel" / "work" / "data").resolve()
+    assert Path(cmds[1][-1]).is_absolute()  # our config file
