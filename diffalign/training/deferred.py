@@ -88,9 +88,10 @@ class DeferredModule:
         return f"DeferredModule({self._name}: {self._cls.__name__} from {self._folder}, {state})"
 
 
-def load_pipeline_deferred(path: str | Path) -> Any:
+def load_pipeline_deferred(path: str | Path, dtype: torch.dtype | None = None) -> Any:
     """The diffusers pipeline in folder ``path`` with its VAE and text encoders as :class:`DeferredModule`s
-    (the same checks as :func:`diffalign.backbones.load_backbone`: no remote code, complete folders)."""
+    (the same checks as :func:`diffalign.backbones.load_backbone`: no remote code, complete folders);
+    ``dtype``: the loaded components' dtype (the deferred ones take theirs when the caller moves them)."""
     import diffusers
     import transformers
 
@@ -107,6 +108,8 @@ def load_pipeline_deferred(path: str | Path) -> Any:
     _check_components(path, meta)
     skip = {k: meta[k] for k in FROZEN if isinstance(meta.get(k), list) and meta[k][0] is not None}
     kw: dict[str, Any] = {"local_files_only": True, **dict.fromkeys(skip)}
+    if dtype is not None:
+        kw["torch_dtype"] = dtype
     if name == "StableDiffusionPipeline":
         kw.update(safety_checker=None, requires_safety_checker=False)
     with quiet_loading():

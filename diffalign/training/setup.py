@@ -22,6 +22,10 @@ def build_backbone(cfg: RunConfig, device: torch.device | str = "cpu", *, defer_
     """``defer_frozen`` (default: when ``data.cache_dir`` is set and ``model.path`` is a SD/SDXL folder): the
     VAE and text encoders are not loaded until first used (``deferred.py``); the cache serves every step."""
     m = cfg.model
+    frozen = DTYPES[m.frozen_dtype]
+    # with a LoRA every weight of a pipeline folder is frozen: load it in that dtype, so the fp32 copy never
+    # exists (peak memory); a full fine-tune keeps its denoiser in fp32 and casts only the frozen parts
+    load_dtype = frozen if m.lora and frozen != torch.float32 else None
     if m.path.startswith("tiny:"):
         from ..backbones.tiny import build_tiny_pipeline
 
@@ -35,11 +39,11 @@ def build_backbone(cfg: RunConfig, device: torch.device | str = "cpu", *, defer_
         if defer_frozen is None:
             defer_frozen = bool(cfg.data.cache_dir)
         if defer_frozen and can_defer(m.path):
-            source = load_pipeline_deferred(m.path)
+            source = load_pipeline_deferred(m.path, dtype=load_dtype)
     bb = load_backbone(
-        source, resolution=m.resolution, max_sequence_length=m.max_sequence_length, embedded_guidance=m.embedded_guidance
+        source, dtype=load_dtype if isinstance(source, str) else None, resolution=m.resolution,
+        max_sequence_length=m.max_sequence_length, embedded_guidance=m.embedded_guidance,
     )
-    frozen = DTYPES[m.frozen_dtype]
     bb.to(device, frozen_dtype=None if frozen == torch.float32 else frozen)
     for comp in bb.pipe.components.values():  # Backbone.to moves modules only
         if isinstance(comp, DeferredModule):
