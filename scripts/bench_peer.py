@@ -17,7 +17,8 @@ Measured per run (each run is a fresh process, contenders alternate within each 
   ``(N - W) / (wall(step N) - wall(step W))`` for the ``W`` warm-up steps and the ``N`` steps of the run,
   so loading, data preparation and the final save are left out alike;
 - start-up: seconds from the process start to the first logged step W;
-- peak RSS of the process (``os.wait4``'s ``ru_maxrss``).
+- peak RSS of the process (its ``VmHWM`` read every 20 ms: ``os.wait4``'s ``ru_maxrss`` would carry this
+  script's own size into every contender; see ``watch``).
 
 Reported: the median and range over the repeats, and our/peer ratios of the medians.
 
@@ -150,27 +151,14 @@ def run_one(cmd: list[str], run_dir: Path, steps: int, warmup: int, threads: int
     """Run one contender; its CPU time (user + system) is sampled every 20 ms, so the CPU seconds of the timed
     steps are read at the same TensorBoard stamps as the wall time: on a shared machine the CPU time per step
     is what the process itself spent, whatever else ran beside it."""
-    import psutil
 
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
     t0 = time.time()
-    samples: list[tuple[float, float]] = []
     with log.open("w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=run_dir.parent)
-        ps = psutil.Process(proc.pid)
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            try:
-                c = ps.cpu_times()
-                samples.append((time.time(), c.user + c.system))
-            except psutil.Error:
-                pass
-            time.sleep(0.02)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+        status, usage, samples, hwm_kb = watch(proc)
     wall = time.time() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd[:3]} exited {proc.returncode}; log {log}:\n" + log.read_text()[-3000:])
@@ -180,7 +168,41 @@ def run_one(cmd: list[str], run_dir: Path, steps: int, warmup: int, threads: int
     cpu = cpu_at(samples, stamps[steps]) - cpu_at(samples, stamps[warmup])
     return {"steps_per_s": (steps - warmup) / (stamps[steps] - stamps[warmup]), "steps_per_cpu_s": (steps - warmup) / cpu,
             "startup_s": stamps[warmup] - t0, "wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
-            "peak_rss_mb": usage.ru_maxrss / 1024}
+            "peak_rss_mb": (hwm_kb or usage.ru_maxrss) / 1024, "ru_maxrss_mb": usage.ru_maxrss / 1024}
+
+
+def watch(proc: subprocess.Popen) -> tuple[int, Any, list[tuple[float, float]], int]:
+    """Wait for ``proc``, sampling its CPU seconds and its peak RSS every 20 ms: the exit status, ``os.wait4``'s
+    rusage, the (wall time, CPU seconds) samples and the last ``VmHWM`` read (kB; 0 where /proc has none).
+
+    ``VmHWM`` is the high-water mark of the process's own address space since its exec; ``wait4``'s ``ru_maxrss``
+    is not: Linux carries the parent's RSS at fork time into the child's, so a child of a large parent reads at
+    least the parent's size (e.g. after this script built the cache at 512 px, every contender read 11.6 GB)."""
+    import psutil
+
+    ps = psutil.Process(proc.pid)
+    samples: list[tuple[float, float]] = []
+    hwm = 0
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        try:
+            c = ps.cpu_times()
+            samples.append((time.time(), c.user + c.system))
+            hwm = max(hwm, _vm_hwm_kb(proc.pid))
+        except (psutil.Error, OSError):
+            pass
+        time.sleep(0.02)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return status, usage, samples, hwm
+
+
+def _vm_hwm_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
 
 
 def cpu_at(samples: list[tuple[float, float]], when: float) -> float:

@@ -108,3 +108,19 @@ def test_relative_work_folder_reaches_the_contenders_as_absolute_paths(tmp_path,
     assert Path(peer["--dataset_name"]).is_absolute() and Path(peer["--output_dir"]).is_absolute()
     assert Path(peer["--dataset_name"]) == (tmp_path / "rel" / "work" / "data").resolve()
     assert Path(cmds[1][-1]).is_absolute()  # our config file
+
+
+def test_peak_rss_is_the_contenders_own_not_the_forking_parents():
+    """wait4's ru_maxrss of a child starts at the parent's RSS at fork (Linux); VmHWM does not."""
+    import subprocess
+    import sys
+
+    big = bytearray(600 * 2**20)  # this process grows by 600 MB before the child is forked
+    big[:: 4096] = b"x" * len(big[:: 4096])
+    code = "x = bytearray(100 * 2**20); x[::4096] = b'y' * len(x[::4096]); import time; time.sleep(0.5)"
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    status, usage, samples, hwm_kb = bench_peer.watch(proc)
+    del big
+    assert status == 0 and proc.returncode == 0 and samples
+    assert 100 * 1024 <= hwm_kb < 400 * 1024  # the child's own ~100 MB plus the interpreter, not 600 MB
+    assert usage.ru_maxrss > 600 * 1024  # what the old measure read
