@@ -26,6 +26,9 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -69,7 +72,7 @@ def run_demo(args: argparse.Namespace) -> int:
     run_dir = out / "dpo"
     cfg = run_config(model, pairs_dir / "pairs.jsonl", run_dir, "dpo", seed=args.seed, steps=args.steps,
                      checkpoint_every=args.checkpoint_every)
-    if (run_dir / "final" / "lora").exists():
+    if reusable(run_dir, cfg):
         print(f"reusing the DPO LoRA in {run_dir / 'final'} (delete {run_dir} to train it again)")
         res = {"weights": str(run_dir / "final" / "lora")}
     else:
@@ -81,7 +84,7 @@ def run_demo(args: argparse.Namespace) -> int:
               f"{args.target} scores them, the LoRA learns from its own better and worse samples")
         ocfg = online_run_config(model, nft_dir, "nft", seed=args.seed, steps=args.online_steps, reward=args.target,
                                  checkpoint_every=max(1, args.online_steps // 4))
-        if (nft_dir / "final" / "lora").exists():
+        if reusable(nft_dir, ocfg):
             print(f"reusing the NFT LoRA in {nft_dir / 'final'} (delete {nft_dir} to train it again)")
             nft_weights = str(nft_dir / "final" / "lora")
         else:
@@ -129,6 +132,23 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"reward curve: {out / 'reward_curve.png'}\nsummary: {out / 'summary.json'}")
     print(f"demo wall time: {time.time() - t_start:.0f} s")
     return 0
+
+
+def reusable(run_dir: Path, cfg: Any) -> bool:
+    """True when ``run_dir`` holds a finished LoRA trained with ``cfg``; a LoRA trained with other settings
+    (e.g. another ``--steps``) is an error naming the folder and the keys, never reused under new labels."""
+    from .training.runfolder import CONFIG, _as_dict, config_changes
+
+    if not (run_dir / "final" / "lora").exists():
+        return False
+    saved = run_dir / CONFIG
+    diff = config_changes(yaml.safe_load(saved.read_text()) or {}, _as_dict(cfg)) if saved.is_file() else {"?": (None, None)}
+    if diff:
+        what = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items()) if saved.is_file() else \
+            f"no {CONFIG}"
+        raise ValueError(f"{run_dir}: holds a LoRA trained with other settings ({what}); delete {run_dir} or give "
+                         "another --out")
+    return True
 
 
 def plot_curves(curves: dict[str, list[dict[str, float]]], target: str, path: Path) -> None:

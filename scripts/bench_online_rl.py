@@ -274,9 +274,17 @@ def main() -> None:
         p.error(f"--out {args.out}: {', '.join(map(str, done))} already holds a finished run; choose a new --out "
                 "(results are never overwritten or mixed)")
     torch.set_num_threads(1)
+    from diffalign.backbones import load_backbone
+    from diffalign.backbones.modules import unwrap
     from diffalign.bench import precise
     from diffalign.bench.experiment import load_rewards
 
+    modules = [n for n, _ in unwrap(load_backbone(base_dir).denoiser).named_modules()]
+    missing = [x for x in _targets(args.lora_targets) if not any(n == x or n.endswith("." + x) for n in modules)]
+    if args.lora_targets in TARGETS:  # the presets name every family's layers: at least one must be there
+        missing = missing if len(missing) == len(_targets(args.lora_targets)) else []
+    if missing:  # peft would skip a name that matches nothing, and the adapter would silently cover less
+        p.error(f"--lora-targets: {', '.join(missing)} matches no module of {base_dir}'s denoiser")
     names = sorted({*ORACLES, args.reward, args.target, args.gold})
     try:
         rs = load_rewards(names)

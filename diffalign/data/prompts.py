@@ -66,7 +66,10 @@ def _toy_prompts(spec: str) -> list[str]:
             frac = -1.0
         if not 0 <= frac <= 1:
             raise PromptDataError(f"prompt source {spec!r}: the two-object fraction must be a number in [0, 1]")
-        return prompt_mix(parts[1], n, frac, seed=0)  # type: ignore[arg-type]
+        try:
+            return prompt_mix(parts[1], n, frac, seed=0)  # type: ignore[arg-type]
+        except ValueError as e:  # more captions of one kind than the split has
+            raise PromptDataError(f"prompt source {spec!r}: {e}") from e
     return prompts(parts[1], n=n, seed=0)  # type: ignore[arg-type]
 
 

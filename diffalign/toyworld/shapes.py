@@ -247,9 +247,12 @@ def prompt_mix(split: Split, n: int, two_object: float, seed: int = 0) -> list[s
     scenes = [s for s in all_scenes() if in_split(s, split)]
     singles = [s.caption() for s in scenes if len(s.objects) == 1]
     pairs = [s.caption() for s in scenes if len(s.objects) == 2]
+    n2 = round(n * two_object)
+    if n2 > len(pairs) or n - n2 > len(singles):  # never fewer captions, or another mix, than asked
+        raise ValueError(f"prompt_mix: {n} {split} captions with {n2} two-object scenes need {n - n2} one-object and "
+                         f"{n2} two-object ones; the split has {len(singles)} and {len(pairs)}")
     rng = random.Random(seed)
-    n2 = min(len(pairs), round(n * two_object))
-    chosen = rng.sample(singles, min(len(singles), n - n2)) + rng.sample(pairs, n2)
+    chosen = rng.sample(singles, n - n2) + rng.sample(pairs, n2)
     rng.shuffle(chosen)
     return chosen
 

@@ -37,6 +37,8 @@ def test_prompt_mix_holds_the_asked_two_object_fraction_and_stays_in_its_split(f
     assert all(shapes.is_heldout(p) for p in held)
     with pytest.raises(ValueError, match="two_object"):
         shapes.prompt_mix("train", 10, 1.2)
+    with pytest.raises(ValueError, match="the split has 54"):  # the held-out split has 54 one-object scenes
+        shapes.prompt_mix("heldout", 500, 0.5)
 
 
 @pytest.mark.parametrize("flags, msg", [
@@ -51,6 +53,7 @@ def test_prompt_mix_holds_the_asked_two_object_fraction_and_stays_in_its_split(f
     (["--base-dir", "/nonexistent"], "--base-dir"),
     (["--method", "draft_lv", "--reward", "toy_shape"], "not differentiable"),
     (["--lora-targets", ","], "--lora-targets"),
+    (["--lora-targets", "to_q,to_qq"], "to_qq matches no module"),
 ])
 def test_bad_flags_are_refused_before_any_work(tmp_path, monkeypatch, capsys, flags, msg):
     out = tmp_path / "out"

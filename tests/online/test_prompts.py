@@ -65,6 +65,8 @@ def test_toy_source_with_a_two_object_fraction():
     for bad in ("toy:train:50:1.5", "toy:train:50:x", "toy:train:50:0.5:1"):
         with pytest.raises(PromptDataError, match="two-object fraction|expected toy:train"):
             load_prompts(bad)
+    with pytest.raises(PromptDataError, match="toy:heldout:500:0.5.*the split has 54"):
+        load_prompts("toy:heldout:500:0.5")  # never fewer prompts, or another mix, than asked
 
 
 def test_dataset_and_collate(tmp_path):

@@ -18,6 +18,14 @@ def test_demo_runs_dpo_and_nft_end_to_end(tmp_path, capsys):
     assert (out / "nft" / "final" / "lora").is_dir() and (out / "dpo" / "final" / "lora").is_dir()
     text = capsys.readouterr().out
     assert "NFT gain" in text and "base | DPO | NFT" in text
+    args = ["demo", "--out", str(out), "--pair-prompts", "48", "--k", "4", "--steps", "2", "--checkpoint-every", "1",
+            "--eval-prompts", "8"]
+    assert main(args + ["--online-steps", "2"]) == 0  # the same settings: both LoRAs are reused
+    text = capsys.readouterr().out
+    assert "reusing the DPO LoRA" in text and "reusing the NFT LoRA" in text
+    assert main(args + ["--online-steps", "3"]) == 2  # another step count: refused, never relabelled
+    err = capsys.readouterr().err
+    assert "trained with other settings" in err and "train.steps: 2 there, 3 now" in err and str(out / "nft") in err
 
 
 def test_demo_refuses_a_negative_online_step_count(tmp_path, capsys):
