@@ -19,7 +19,8 @@ DESCRIPTIONS = {
     "model.lora_targets": "denoiser module names that get LoRA layers",
     "model.lora_init": "LoRA initialisation, as peft's init_lora_weights (gaussian, default, pissa, ...)",
     "model.attention": "attention backend: sdpa, xformers (error if missing) or auto",
-    "model.gradient_checkpointing": "recompute activations in the backward pass (less memory, slower)",
+    "model.gradient_checkpointing": "recompute activations in the backward pass (less memory, slower): true, "
+    "or selective (keep the convolutions' and attention's outputs, recompute the rest)",
     "model.frozen_dtype": "dtype of the frozen weights (LoRA weights always train in float32)",
     "model.embedded_guidance": "FLUX-dev guidance embedding value",
     "model.max_sequence_length": "T5 token limit for SD3/FLUX (default: the model's)",

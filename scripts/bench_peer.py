@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+OURS_FAST = ("cache", "channels_last", "bf16", "frozen_bf16", "grad_ckpt", "sel_ckpt", "keep_heap")
 
 
 def write_pairs(out: Path, n: int, size: int, seed: int = 0) -> Path:
@@ -124,8 +125,12 @@ def ours_command(a: argparse.Namespace, model: Path, data: Path, out: Path, step
                 cfg["train"]["mixed_precision"] = "bf16"
             elif part == "frozen_bf16":  # the frozen base weights in bf16 (the LoRA stays fp32)
                 cfg["model"]["frozen_dtype"] = "bfloat16"
+            elif part == "keep_heap":  # glibc keeps freed memory for the next step (train.cpu_keep_freed_memory)
+                cfg["train"]["cpu_keep_freed_memory"] = True
+            elif part in ("grad_ckpt", "sel_ckpt"):  # full or selective gradient checkpointing
+                cfg["model"]["gradient_checkpointing"] = True if part == "grad_ckpt" else "selective"
             elif part:
-                raise SystemExit(f"--ours-fastest: unknown part {part!r} (cache, channels_last, bf16, frozen_bf16)")
+                raise SystemExit(f"--ours-fastest: unknown part {part!r} ({', '.join(OURS_FAST)})")
     out.mkdir(parents=True, exist_ok=True)
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -237,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--settings", default="same,fastest", help="same, fastest, or both")
     p.add_argument("--ours-fastest", default="cache",
-                   help="our switches at our fastest: cache+channels_last+bf16+frozen_bf16")
+                   help=f"our switches at our fastest, joined by +: {', '.join(OURS_FAST)}")
     p.add_argument("--peer-fastest", default="",
                    help="the script's extra settings at its fastest: bf16 (--mixed_precision bf16)")
     p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
@@ -255,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = [s for s in a.settings.split(",") if s not in ("same", "fastest")] or not a.settings.strip(",")
     if bad:
         p.error(f"--settings {a.settings!r}: give same, fastest or same,fastest")
-    for flag, value, known in (("--ours-fastest", a.ours_fastest, ("cache", "channels_last", "bf16", "frozen_bf16")),
+    for flag, value, known in (("--ours-fastest", a.ours_fastest, OURS_FAST),
                                ("--peer-fastest", a.peer_fastest, ("bf16",))):
         unknown = [x for x in value.split("+") if x and x not in known]
         if unknown:

@@ -10,6 +10,7 @@ import torch
 
 from .base import Backbone
 from .quiet import install_filters, quiet_loading
+from .streaming import lowmem_denoisers
 
 UNET_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 FLOW_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")
@@ -61,6 +62,8 @@ def load_backbone(
         _check_components(path, meta)
         try:
             with quiet_loading():
+                if dtype is not None:  # the denoiser read straight into dtype: no fp32 copy of it at the peak
+                    kw.update(lowmem_denoisers(path, meta, dtype))
                 pipe = cls.from_pretrained(str(path), **kw)
         except (OSError, ValueError, RuntimeError, KeyError) as e:
             raise ModelLoadError(f"{path}: cannot load the {name} pipeline: {_first_line(e)}") from e

@@ -245,6 +245,7 @@ SWITCHES: dict[str, dict[str, Any]] = {
     "foreach_adamw": {"train.adam_impl": "foreach"},
     "bf16": {"train.mixed_precision": "bf16"},
     "grad_ckpt": {"model.gradient_checkpointing": True},
+    "sel_ckpt": {"model.gradient_checkpointing": "selective"},
 }
 """The speed switches the bench can turn on one at a time (``--switch NAME``) or together
 (``--switch cache+channels_last``)."""

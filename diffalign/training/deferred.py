@@ -56,8 +56,9 @@ class DeferredModule:
             from ..backbones.quiet import quiet_loading
 
             logger.info("loading the deferred %s from %s (first use)", self._name, self._folder)
+            kw = {"torch_dtype": self._dtype} if self._dtype is not None else {}  # no fp32 copy first
             with quiet_loading():
-                m = self._cls.from_pretrained(str(self._folder), local_files_only=True)
+                m = self._cls.from_pretrained(str(self._folder), local_files_only=True, **kw)
             self.__dict__["_module"] = m.requires_grad_(False).eval().to(self._device, dtype=self._dtype)
         return self._module
 
@@ -97,6 +98,7 @@ def load_pipeline_deferred(path: str | Path, dtype: torch.dtype | None = None) -
 
     from ..backbones.loading import UNET_PIPELINES, _check_components, _read_index, _refuse_custom_code
     from ..backbones.quiet import quiet_loading
+    from ..backbones.streaming import lowmem_denoisers
 
     path = Path(path)
     index = path / "model_index.json"
@@ -110,6 +112,7 @@ def load_pipeline_deferred(path: str | Path, dtype: torch.dtype | None = None) -
     kw: dict[str, Any] = {"local_files_only": True, **dict.fromkeys(skip)}
     if dtype is not None:
         kw["torch_dtype"] = dtype
+        kw.update(lowmem_denoisers(path, meta, dtype))  # no fp32 copy of the denoiser at the peak
     if name == "StableDiffusionPipeline":
         kw.update(safety_checker=None, requires_safety_checker=False)
     with quiet_loading():

@@ -16,6 +16,9 @@ from ..backbones.modules import unwrap
 from ..backbones.user_attention import has_injection, save_injection
 from ..config import RunConfig
 
+ONE_AT_A_TIME_PX = 256
+"""Sample grids at this size and above are drawn one image at a time (peak memory)."""
+
 
 def save_weights(backbone: Any, out_dir: Path, ema: Any = None, state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the LoRA (``out_dir/lora``) or the full denoiser (``out_dir/unet|transformer``); the EMA
@@ -56,12 +59,20 @@ def unwrapped(backbone: Any) -> Iterator[Any]:
 
 
 def sample_grid(backbone: Any, cfg: RunConfig, path: Path, seed: int = 0) -> Path:
-    """A grid of the config's sample prompts (two seeds each) at a fixed seed, written as PNG."""
-    from ..sampling import generate
+    """A grid of the config's sample prompts (two seeds each: ``seed`` + 2i and + 2i + 1), written as PNG.
+
+    From ``ONE_AT_A_TIME_PX`` on, one image at a time with the freed heap handed back between them: at 512 px
+    with the SD1.5 architecture a batch of the grid (CFG doubles it) and its VAE decode grew the resident set
+    beyond the training steps' own peak (docs/BENCHMARKS.md, "Speed, part 4")."""
+    from ..sampling.solvers import sample_images
     from ..utils.images import save_grid
+    from ..utils.memory import release_free_memory
 
     t = cfg.train
     prompts = [p for p in t.sample_prompts for _ in range(2)]
+    large = backbone.resolution >= ONE_AT_A_TIME_PX
     with unwrapped(backbone):
-        imgs = generate(backbone, prompts, steps=t.sample_steps, guidance_scale=t.sample_guidance, seed=seed)
+        imgs = sample_images(backbone, prompts, [seed + i for i in range(len(prompts))], steps=t.sample_steps,
+                             guidance_scale=t.sample_guidance, batch_size=1 if large else len(prompts),
+                             on_batch=(lambda _: release_free_memory(collect=False)) if large else None)
     return save_grid(imgs, path, nrow=len(prompts) // 2 if len(prompts) > 2 else 2, upscale=4 if imgs.shape[-1] <= 64 else 1)

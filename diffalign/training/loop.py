@@ -48,6 +48,7 @@ from ..backbones.lora import has_adapter
 from ..backbones.modules import unwrap
 from ..config import RunConfig
 from ..objectives import build_objective
+from ..utils.memory import keep_freed_memory, lean_heap
 from . import checkpoints as ckpt
 from . import runfolder
 from .batches import SeededItems, batch_seed, endless_batches, model_inputs
@@ -105,7 +106,14 @@ def train(cfg: RunConfig, resume: str | None = None, *, overwrite: bool = False,
         )
     with runfolder.lock(out, enabled=accelerator.is_main_process), StopSignals() as stop:
         runfolder.prepare(out, resume, overwrite, accelerator.is_main_process)
-        return _run(cfg, resolve_resume_mode(out, resume), accelerator, stop, allow_config_change)
+        keep = cfg.train.cpu_keep_freed_memory and accelerator.device.type == "cpu"
+        if keep and not keep_freed_memory(True):
+            logger.warning("train.cpu_keep_freed_memory: no glibc here (mallopt), the setting does nothing")
+        try:
+            return _run(cfg, resolve_resume_mode(out, resume), accelerator, stop, allow_config_change)
+        finally:
+            if keep:
+                keep_freed_memory(False)
 
 
 def _run(cfg: RunConfig, resume: str | None, accelerator: Any, stop: StopSignals,
@@ -323,7 +331,8 @@ def _run(cfg: RunConfig, resume: str | None, accelerator: Any, stop: StopSignals
                 if in_a_row == 0:
                     last_good = path
             if t.sample_every and step % t.sample_every == 0 and step < t.steps and main and not fsdp:
-                sample_grid(backbone, cfg, out / "samples" / f"step_{step:08d}.png")
+                with lean_heap():  # the steps' freed heap back first, so the grid does not add to the peak
+                    sample_grid(backbone, cfg, out / "samples" / f"step_{step:08d}.png")
         bar.close()
         flush()
         if status == "completed":  # the last gold point
@@ -353,7 +362,8 @@ def _run(cfg: RunConfig, resume: str | None, accelerator: Any, stop: StopSignals
             if main:
                 result["weights"] = str(weights)
                 if not fsdp:
-                    result["samples"] = str(sample_grid(backbone, cfg, out / "samples" / "final.png"))
+                    with lean_heap():  # the steps' freed heap back first, so the grid does not add to the peak
+                        result["samples"] = str(sample_grid(backbone, cfg, out / "samples" / "final.png"))
                 (out / "final" / "result.json").write_text(json.dumps(result, indent=2))
     accelerator.end_training()
     return result

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..backbones import Backbone, load_backbone
+from ..backbones.checkpointing import enable_checkpointing
 from ..backbones.lora import add_lora
 from ..config import RunConfig
 from .deferred import DeferredModule, can_defer, load_pipeline_deferred
@@ -64,7 +65,7 @@ def build_backbone(cfg: RunConfig, device: torch.device | str = "cpu", *, defer_
         bb.enable_full_finetune()
         bb.ref_model.to(device)
     if m.gradient_checkpointing:
-        bb.denoiser.enable_gradient_checkpointing()
+        enable_checkpointing(bb.denoiser, m.gradient_checkpointing)
     _set_attention(bb, m.attention)
     if m.channels_last:
         if bb.denoiser_name != "unet":

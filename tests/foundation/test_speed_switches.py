@@ -111,3 +111,39 @@ def test_cached_reference_switch_equals_peft_switch_and_keeps_requires_grad(tmp_
 def test_a_bad_compile_backend_is_an_error_naming_the_key(tmp_path):
     with pytest.raises(ValueError, match="model.compile_backend 'nonsense'"):
         build_backbone(_cfg(tmp_path, {"compile": True, "compile_backend": "nonsense"}))
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd2v", "sdxl", "sd3", "flux"])
+@pytest.mark.parametrize("mode", [True, "selective"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tmp_path, family, mode, monkeypatch):
+    """Full and selective checkpointing run the blocks again in the backward: same loss, same LoRA gradients,
+    and the checkpoint function is really what the blocks ran through."""
+    import torch.utils.checkpoint as tuc
+
+    from diffalign.backbones import checkpointing
+
+    calls = []
+    orig = tuc.checkpoint
+    monkeypatch.setattr(tuc, "checkpoint", lambda *a, **k: calls.append(k.get("context_fn")) or orig(*a, **k))
+    runs = []
+    for m in ({}, {"gradient_checkpointing": mode}):
+        calls.clear()
+        bb, loss, metrics = _dpo_loss(_cfg(tmp_path / str(len(runs)), m, family=family))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in bb.denoiser.named_parameters() if p.requires_grad}
+        runs.append((loss.detach(), metrics, grads, list(calls)))
+    (base, mb, gb, cb), (fast, mf, gf, cf) = runs
+    assert not cb and cf  # the blocks ran through torch's checkpoint only with the switch on
+    assert all((c is not None) == (mode == "selective") for c in cf)  # selective: torch's SAC context
+    _same(fast, base, mf, mb)
+    assert gf.keys() == gb.keys() and gb
+    for n in gb:
+        torch.testing.assert_close(gf[n], gb[n], rtol=1e-4, atol=1e-6, msg=n)
+    if mode == "selective":
+        names = {getattr(op, "__name__", str(op)) for op in checkpointing.kept_ops()}
+        assert any("convolution" in n for n in names) and any("scaled_dot_product" in n for n in names)
+
+
+def test_a_bad_gradient_checkpointing_value_names_the_key(tmp_path):
+    with pytest.raises(ValueError, match="gradient_checkpointing"):
+        _cfg(tmp_path, {"gradient_checkpointing": "some"})
