@@ -9,7 +9,7 @@ through ``self._gradient_checkpointing_func`` once checkpointing is on; the func
   (the linear layers, norms, activations, reshapes) runs again in the backward. In a diffusion transformer block
   the linear layers' outputs are most of the memory (the feed-forward's 4x-wide hidden states) and a small part
   of the FLOPs next to attention over thousands of tokens. SD1.5 architecture, 512 px, DPO with LoRA in bf16
-  (docs/BENCHMARKS.md, "Speed, part 4"): the steps' peak RSS falls from 5.7 to 4.2 GB for about +7% CPU time,
+  (docs/BENCHMARKS.md, "Speed, part 4"): the steps' peak RSS falls from 5.7 to 4.2 GB for about +8% CPU time,
   where full checkpointing gives 4.0 GB for +13-18%.
 """
 
