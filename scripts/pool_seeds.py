@@ -1,6 +1,7 @@
 """Pool the held-out scores of runs made apart (e.g. seed 0 in one --out folder, seeds 1-2 in another) into one
-paired interval per metric: every run's per-sample scores against the base's on the same samples, bootstrapped
-over all of them, with the spread of the per-run means beside it.
+paired interval per metric, as ``scripts/bench_online_rl.py`` does for the seeds of one run
+(``diffalign.bench.precise.gains``: the bootstrap interval of the seed-averaged per-sample differences from the
+base, and the spread of the seeds' gains beside it).
 
     python scripts/pool_seeds.py --base runs/o15/rf4_refl/scores/base_sd_256x4.pt \
         --run runs/o15/rf4_refl/refl_seed0 --run runs/o16/rf4_refl/refl_seed1 --run runs/o16/rf4_refl/refl_seed2
@@ -11,13 +12,12 @@ Each ``--run`` folder holds the ``scores.pt`` that ``scripts/bench_online_rl.py`
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
-from diffalign.bench.stats import paired_bootstrap
+from diffalign.bench.precise import fmt_gain, gains
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,16 +33,15 @@ def main(argv: list[str] | None = None) -> int:
         if not f.is_file():
             p.error(f"--run {r}: no scores.pt there")
         runs.append(torch.load(f, weights_only=True))
-    for m in a.metrics.split(","):
+    wanted = a.metrics.split(",")
+    for m in wanted:
         if m not in base or any(m not in s for s in runs):
             print(f"{m}: not in every score file, left out")
-            continue
-        if any(s[m].shape != base[m].shape for s in runs):
+        elif any(s[m].shape != base[m].shape for s in runs):
             p.error(f"{m}: a run has {[tuple(s[m].shape) for s in runs]} samples, the base {tuple(base[m].shape)}")
-        per = [float((s[m] - base[m]).double().mean()) for s in runs]
-        pooled = paired_bootstrap(torch.cat([base[m]] * len(runs)), torch.cat([s[m] for s in runs]))
-        spread = f" ±{statistics.stdev(per):.3f}" if len(per) > 1 else ""
-        print(f"{m}: {pooled}{spread} (per run {', '.join(f'{x:+.3f}' for x in per)})")
+    pooled = gains({m: base[m] for m in wanted if m in base}, runs)
+    for m, g in pooled.items():
+        print(f"{m}: {fmt_gain(g)} (per run {', '.join(f'{x:+.3f}' for x in g['per_seed'])})")
     return 0
 
 

@@ -112,10 +112,11 @@ def load_pipeline_deferred(path: str | Path, dtype: torch.dtype | None = None) -
     kw: dict[str, Any] = {"local_files_only": True, **dict.fromkeys(skip)}
     if dtype is not None:
         kw["torch_dtype"] = dtype
-        kw.update(lowmem_denoisers(path, meta, dtype))  # no fp32 copy of the denoiser at the peak
     if name == "StableDiffusionPipeline":
         kw.update(safety_checker=None, requires_safety_checker=False)
     with quiet_loading():
+        if dtype is not None:  # the denoiser read straight into dtype: no fp32 copy of it at the peak
+            kw.update(lowmem_denoisers(path, meta, dtype))
         pipe = getattr(diffusers, name).from_pretrained(str(path), **kw)
     for comp, (library, cls_name) in skip.items():
         cls = getattr(diffusers if library == "diffusers" else transformers, cls_name)
